@@ -1,0 +1,2 @@
+//! Datasets: the pack format and its ingest paths.
+pub mod prepare;

@@ -1,0 +1,1 @@
+//! Resize (being written).
