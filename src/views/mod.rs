@@ -2,5 +2,6 @@
 //! correspondences between views. Pure data transforms: no model, no tensors beyond
 //! plain `f32` buffers.
 pub mod crop;
+pub mod matching;
 pub mod photometric;
 pub mod resize;
