@@ -13,5 +13,6 @@ pub mod data;
 pub mod error;
 pub mod rng;
 pub mod views;
+pub mod viz;
 
 pub use error::{Error, Result};

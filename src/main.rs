@@ -1,8 +1,28 @@
-//! The `pwself-engine` command line: a thin layer over the library.
+//! The `pwself-engine` command line: a thin layer over the library. Each subcommand parses
+//! its flags, calls the library, and prints; errors go to stderr with a non-zero exit.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use pwself_engine::data::prepare::PrepareArgs;
+use pwself_engine::views::args::ViewArgs;
+use pwself_engine::views::batch::{LoaderPlan, ViewBuilder, ViewLoader};
+use pwself_engine::views::config::parse_pair;
+use pwself_engine::views::crop::{parse_crop_arg, CropRecord};
+use pwself_engine::views::matching::{match_patches, MatchRule};
+use pwself_engine::viz::{draw_matches, ViewPicture};
 
 #[derive(Parser)]
-#[command(name = "pwself-engine", version, about)]
+#[command(
+    name = "pwself-engine",
+    version,
+    about = "Train PW-Self (patch-wise self-supervised ViTs): data, views, patch matching"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -10,13 +30,366 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a pack file from IDX, CIFAR binary or an image folder.
-    Prepare(pwself_engine::data::prepare::PrepareArgs),
+    /// Write a pack file from IDX (MNIST / Fashion-MNIST), CIFAR binary or an image folder.
+    Prepare(PrepareArgs),
+    /// Build view batches from a pack through the prefetching loader and report views/s
+    /// and matched-token statistics (a dry run of the training input pipeline).
+    Views(ViewsArgs),
+    /// Print the matched token indices of two crop boxes.
+    Match(MatchArgs),
+    /// Draw pictures.
+    #[command(subcommand)]
+    Viz(VizCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Args)]
+struct ViewsArgs {
+    #[command(flatten)]
+    views: ViewArgs,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Number of batches to build; default: one epoch.
+    #[arg(long)]
+    batches: Option<u64>,
+    /// Worker threads for view building (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print a JSON summary on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct MatchArgs {
+    /// Source image size, HEIGHTxWIDTH.
+    #[arg(long, default_value = "256x256", value_name = "HxW")]
+    image: String,
+    /// ViT patch size in pixels.
+    #[arg(long, default_value_t = 16)]
+    patch: usize,
+    /// Sides of the teacher (box1) and student (box2) views.
+    #[arg(long, default_value = "224,96", value_name = "S1,S2")]
+    view_sides: String,
+    /// The teacher view's crop box: TOP,LEFT,HEIGHT,WIDTH[,flip].
+    #[arg(long, allow_hyphen_values = true)]
+    box1: String,
+    /// The student view's crop box: TOP,LEFT,HEIGHT,WIDTH[,flip].
+    #[arg(long, allow_hyphen_values = true)]
+    box2: String,
+    /// Matching rule.
+    #[arg(long, value_enum, default_value_t = MatchRule::Paper)]
+    rule: MatchRule,
+    /// Print {"teacher": [...], "student": [...]} instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum VizCommand {
+    /// One source image, a teacher and a student view with their patch grids, and a line
+    /// between every pair of matched patches.
+    Matches(VizMatchesArgs),
+}
+
+#[derive(clap::Args)]
+struct VizMatchesArgs {
+    #[command(flatten)]
+    views: ViewArgs,
+    /// Dataset index of the image to draw.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// Batch index whose crop records to use (crops are shared by a batch).
+    #[arg(long, default_value_t = 0)]
+    batch_index: u64,
+    /// Teacher view (a global view index).
+    #[arg(long, default_value_t = 0)]
+    teacher: usize,
+    /// Student view; default: the first local view that overlaps the teacher.
+    #[arg(long)]
+    student: Option<usize>,
+    /// Output PNG.
+    #[arg(long, default_value = "matches.png")]
+    out: PathBuf,
+}
+
+fn main() {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Prepare(args) => pwself_engine::data::prepare::run(&args),
+        Command::Views(args) => views(&args),
+        Command::Match(args) => match_cmd(&args),
+        Command::Viz(VizCommand::Matches(args)) => viz_matches(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
+}
+
+fn views(args: &ViewsArgs) -> Result<()> {
+    if let Some(t) = args.threads {
+        if t == 0 {
+            bail!("--threads: must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("--threads: cannot start the thread pool")?;
+    }
+    let pack = Arc::new(args.views.open_pack()?);
+    let cfg = args.views.config(pack.height(), pack.width())?;
+    let builder = ViewBuilder::new(cfg.clone(), args.views.seed, &pack)?;
+    let steps_per_epoch = (pack.len() / args.batch.max(1)) as u64;
+    let batches = args.batches.unwrap_or(steps_per_epoch).max(1);
+    let plan = LoaderPlan {
+        batch_size: args.batch,
+        start: 0,
+        batches,
+        prefetch: 2,
+    };
+    let mut loader = ViewLoader::start(Arc::clone(&pack), builder, plan)?;
+
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(batches)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} batches  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let views_per_batch = (args.batch * cfg.num_views()) as f64;
+    let start = Instant::now();
+    let (mut gg, mut gl, mut n_gg, mut n_gl, mut cls_only) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut done = 0u64;
+    while let Some(batch) = loader.next_batch() {
+        let batch = batch?;
+        for p in &batch.pairs {
+            if p.student_view < cfg.global.count {
+                gg += p.matches.len();
+                n_gg += 1;
+            } else {
+                gl += p.matches.len();
+                n_gl += 1;
+                cls_only += usize::from(p.matches.len() == 1);
+            }
+        }
+        done += 1;
+        let rate = done as f64 * views_per_batch / start.elapsed().as_secs_f64();
+        bar.set_message(format!("{rate:.0} views/s"));
+        bar.inc(1);
+        loader.recycle(batch);
+    }
+    bar.finish_and_clear();
+    let secs = start.elapsed().as_secs_f64();
+    let mean = |s: usize, n: usize| if n == 0 { 0.0 } else { s as f64 / n as f64 };
+    let summary = serde_json::json!({
+        "data": pack.origin().display().to_string(),
+        "images": pack.len(),
+        "source": format!("{}x{}x{}", pack.height(), pack.width(), pack.channels()),
+        "views": cfg,
+        "batch": args.batch,
+        "batches": done,
+        "seconds": secs,
+        "views_per_second": done as f64 * views_per_batch / secs,
+        "images_per_second": done as f64 * args.batch as f64 / secs,
+        "mean_matched_tokens_global_global": mean(gg, n_gg),
+        "mean_matched_tokens_global_local": mean(gl, n_gl),
+        "cls_only_fraction_global_local": mean(cls_only, n_gl),
+    });
+    if args.json {
+        println!("{summary:#}");
+    } else {
+        println!(
+            "{} batches of {} images ({} views each) from {} ({}x{}x{}) in {:.2} s: {:.0} views/s, {:.0} images/s",
+            done,
+            args.batch,
+            cfg.num_views(),
+            pack.origin().display(),
+            pack.height(),
+            pack.width(),
+            pack.channels(),
+            secs,
+            done as f64 * views_per_batch / secs,
+            done as f64 * args.batch as f64 / secs
+        );
+        println!(
+            "views: {} x {} global + {} x {} local, patch {}, patch-level augmentation {}, {:?} matching",
+            cfg.global.count,
+            cfg.global.side,
+            cfg.local.count,
+            cfg.local.side,
+            cfg.patch_size,
+            if cfg.per_patch { "on" } else { "off" },
+            cfg.match_rule
+        );
+        println!(
+            "matched tokens per pair (CLS included): global-global {:.1}, global-local {:.1}; global-local pairs with CLS only: {:.2}%",
+            mean(gg, n_gg),
+            mean(gl, n_gl),
+            100.0 * mean(cls_only, n_gl)
+        );
+    }
+    Ok(())
+}
+
+fn match_cmd(args: &MatchArgs) -> Result<()> {
+    let (h, w) = args
+        .image
+        .split_once(['x', 'X'])
+        .and_then(|(h, w)| Some((h.trim().parse::<u32>().ok()?, w.trim().parse::<u32>().ok()?)))
+        .filter(|&(h, w)| h > 0 && w > 0)
+        .with_context(|| {
+            format!(
+                "--image: `{}` is not a size; write HEIGHTxWIDTH, e.g. 256x256",
+                args.image
+            )
+        })?;
+    if args.patch == 0 {
+        bail!("--patch: must be at least 1 pixel");
+    }
+    let (s1, s2): (usize, usize) = parse_pair(&args.view_sides, "--view-sides")?;
+    for s in [s1, s2] {
+        if s == 0 || s % args.patch != 0 {
+            bail!("--view-sides: view side {s} is not divisible by the patch size {}; use a multiple of {}", args.patch, args.patch);
+        }
+    }
+    let b1 = parse_crop_arg(&args.box1, "--box1")?;
+    let b2 = parse_crop_arg(&args.box2, "--box2")?;
+    b1.check_inside(h, w, "--box1")?;
+    b2.check_inside(h, w, "--box2")?;
+    let (g1, g2) = ((s1 / args.patch) as u32, (s2 / args.patch) as u32);
+    let m = match_patches(&b1, g1, &b2, g2, args.rule);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "teacher": m.first, "student": m.second })
+        );
+        return Ok(());
+    }
+    let join = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+    println!(
+        "teacher view: box {} -> {s1}x{s1}, grid {g1}x{g1}",
+        b1.to_arg()
+    );
+    println!(
+        "student view: box {} -> {s2}x{s2}, grid {g2}x{g2}",
+        b2.to_arg()
+    );
+    println!(
+        "{} matched tokens (CLS + {} patch pairs), {:?} rule",
+        m.len(),
+        m.len() - 1,
+        args.rule
+    );
+    println!("teacher: {}", join(&m.first));
+    println!("student: {}", join(&m.second));
+    Ok(())
+}
+
+fn viz_matches(args: &VizMatchesArgs) -> Result<()> {
+    let pack = args.views.open_pack()?;
+    if args.index >= pack.len() {
+        bail!(
+            "--index: {} is out of range: {} holds {} images",
+            args.index,
+            pack.origin().display(),
+            pack.len()
+        );
+    }
+    let cfg = args.views.config(pack.height(), pack.width())?;
+    if args.teacher >= cfg.global.count {
+        bail!(
+            "--teacher: view {} is not a global view (there are {})",
+            args.teacher,
+            cfg.global.count
+        );
+    }
+    let builder = ViewBuilder::new(cfg.clone(), args.views.seed, &pack)?;
+    let batch = builder.build(&pack, args.batch_index, 0, &[args.index as u32])?;
+    let pair = match args.student {
+        Some(s) => batch
+            .pairs
+            .iter()
+            .find(|p| p.teacher_view == args.teacher && p.student_view == s)
+            .with_context(|| {
+                format!(
+                    "--student: view {s} does not pair with teacher view {} (views are 0..{})",
+                    args.teacher,
+                    cfg.num_views()
+                )
+            })?,
+        None => batch
+            .pairs
+            .iter()
+            .filter(|p| p.teacher_view == args.teacher)
+            .find(|p| p.student_view >= cfg.global.count && p.matches.len() > 1)
+            .or_else(|| batch.pairs.iter().find(|p| p.teacher_view == args.teacher))
+            .context("no teacher/student pair: the configuration has a single view")?,
+    };
+    // Views come normalised; undo it for display.
+    let denorm = |v: usize| -> Vec<f32> {
+        let side = cfg.side(v);
+        let mut px = batch.views[v].clone();
+        for (ch, plane) in px.chunks_exact_mut(side * side).enumerate() {
+            plane
+                .iter_mut()
+                .for_each(|x| *x = *x * pack.std()[ch] + pack.mean()[ch]);
+        }
+        px
+    };
+    let (t_px, s_px) = (denorm(pair.teacher_view), denorm(pair.student_view));
+    fn picture<'a>(
+        pixels: &'a [f32],
+        channels: usize,
+        side: usize,
+        patch: usize,
+        crop: CropRecord,
+    ) -> ViewPicture<'a> {
+        ViewPicture {
+            pixels,
+            channels,
+            side,
+            patch,
+            crop,
+        }
+    }
+    let (t, s) = (pair.teacher_view, pair.student_view);
+    let img = draw_matches(
+        pack.image(args.index),
+        pack.height(),
+        pack.width(),
+        pack.channels(),
+        &picture(
+            &t_px,
+            pack.channels(),
+            cfg.side(t),
+            cfg.patch_size,
+            batch.crops[t],
+        ),
+        &picture(
+            &s_px,
+            pack.channels(),
+            cfg.side(s),
+            cfg.patch_size,
+            batch.crops[s],
+        ),
+        &pair.matches,
+    );
+    img.save(&args.out)
+        .with_context(|| format!("--out: cannot write {}", args.out.display()))?;
+    println!(
+        "wrote {}: image {} of {}, teacher view {} (box {}), student view {} (box {}), {} matched tokens",
+        args.out.display(),
+        args.index,
+        pack.origin().display(),
+        pair.teacher_view,
+        batch.crops[pair.teacher_view].to_arg(),
+        pair.student_view,
+        batch.crops[pair.student_view].to_arg(),
+        pair.matches.len()
+    );
+    Ok(())
 }

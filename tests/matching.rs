@@ -6,7 +6,13 @@ use pwself_engine::views::crop::CropRecord;
 use pwself_engine::views::matching::{batch_matches, match_patches, subsample, MatchRule};
 
 fn crop(top: u32, left: u32, height: u32, width: u32, flipped: bool) -> CropRecord {
-    CropRecord { top, left, height, width, flipped }
+    CropRecord {
+        top,
+        left,
+        height,
+        width,
+        flipped,
+    }
 }
 
 /// (row, col) of token `idx` in the view's own layout.
@@ -102,7 +108,11 @@ fn flipped_view_pairs_mirrored_columns() {
     let half = crop(0, 0, 64, 32, false);
     let m = match_patches(&half, 2, &b, 4, MatchRule::Paper);
     let cols: Vec<u32> = m.second[1..].iter().map(|&j| rc(j, 4).1).collect();
-    assert_eq!(cols, vec![3, 2, 3, 2], "source order: left to right is view column 3 then 2");
+    assert_eq!(
+        cols,
+        vec![3, 2, 3, 2],
+        "source order: left to right is view column 3 then 2"
+    );
 }
 
 #[test]
@@ -121,7 +131,11 @@ fn one_row_intersection() {
     // B2 rows: [52,60) fully inside, [60,68) covers 4 of 8 = half -> outside. One row.
     let rows_b: Vec<u32> = m.second[1..].iter().map(|&j| rc(j, 8).0).collect();
     assert!(rows_b.iter().all(|&r| r == 0));
-    assert_eq!(m.len(), 1 + 4, "one row of 4 columns (8 columns subsampled to A's 4)");
+    assert_eq!(
+        m.len(),
+        1 + 4,
+        "one row of 4 columns (8 columns subsampled to A's 4)"
+    );
 }
 
 #[test]
@@ -129,17 +143,36 @@ fn paper_floor_is_exact_where_float64_is_not() {
     // numpy: floor(linspace(0, 30, 23))[11] == 14 because 11 * (30/22) = 14.999999999999998;
     // the exact floor(11 * 30 / 22) is 15. Values below were printed by numpy 2.4.6:
     // np.floor(np.linspace(0, 30, 23)).astype(int).tolist()
-    let numpy = vec![0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17, 19, 20, 21, 23, 24, 25, 27, 28, 30];
-    let exact = vec![0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 15, 16, 17, 19, 20, 21, 23, 24, 25, 27, 28, 30];
+    let numpy = vec![
+        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, 16, 17, 19, 20, 21, 23, 24, 25, 27, 28, 30,
+    ];
+    let exact = vec![
+        0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 15, 16, 17, 19, 20, 21, 23, 24, 25, 27, 28, 30,
+    ];
     assert_eq!(subsample(MatchRule::Official, 31, 23), numpy);
     assert_eq!(subsample(MatchRule::Paper, 31, 23), exact);
     // Other (n, k) pairs where numpy's floors differ from exact ones (found by comparing
     // numpy against integer arithmetic for all 2 <= k < n <= 64).
-    for (n, k) in [(31, 27), (46, 34), (46, 40), (53, 47), (59, 51), (61, 23), (63, 59)] {
-        assert_ne!(subsample(MatchRule::Official, n, k), subsample(MatchRule::Paper, n, k), "({n}, {k})");
+    for (n, k) in [
+        (31, 27),
+        (46, 34),
+        (46, 40),
+        (53, 47),
+        (59, 51),
+        (61, 23),
+        (63, 59),
+    ] {
+        assert_ne!(
+            subsample(MatchRule::Official, n, k),
+            subsample(MatchRule::Paper, n, k),
+            "({n}, {k})"
+        );
     }
     // ... and everywhere else they agree.
-    assert_eq!(subsample(MatchRule::Official, 30, 23), subsample(MatchRule::Paper, 30, 23));
+    assert_eq!(
+        subsample(MatchRule::Official, 30, 23),
+        subsample(MatchRule::Paper, 30, 23)
+    );
 }
 
 #[test]
@@ -182,7 +215,10 @@ fn official_flipped_overshoot_drops_the_pair_to_cls() {
     let cols: Vec<u32> = m.first[1..].iter().map(|&i| rc(i, 3).1).collect();
     assert!(cols.iter().all(|&c| c == 2), "{cols:?}");
     let flipped = crop(0, 0, 10, 10, true);
-    assert_eq!(match_patches(&flipped, 3, &student, 3, MatchRule::Official).first, vec![0]);
+    assert_eq!(
+        match_patches(&flipped, 3, &student, 3, MatchRule::Official).first,
+        vec![0]
+    );
     // The paper rule keeps the match: column 2 ([6.67, 10) px) is fully inside, which in
     // the flipped view is column 0.
     let m = match_patches(&flipped, 3, &student, 3, MatchRule::Paper);
@@ -191,14 +227,17 @@ fn official_flipped_overshoot_drops_the_pair_to_cls() {
 
 #[test]
 fn batch_has_eighteen_pairs() {
-    let crops: Vec<CropRecord> =
-        (0..10).map(|v| crop(v * 3, v * 2, 150, 160, v % 2 == 0)).collect();
+    let crops: Vec<CropRecord> = (0..10)
+        .map(|v| crop(v * 3, v * 2, 150, 160, v % 2 == 0))
+        .collect();
     let mut grids = vec![14, 14];
     grids.extend([6; 8]);
     let pairs = batch_matches(&crops, &grids, 2, MatchRule::Paper).unwrap();
     assert_eq!(pairs.len(), 18);
     assert_eq!(pairs.iter().filter(|p| p.student_view < 2).count(), 2);
-    assert!(pairs.iter().all(|p| p.teacher_view < 2 && p.teacher_view != p.student_view));
+    assert!(pairs
+        .iter()
+        .all(|p| p.teacher_view < 2 && p.teacher_view != p.student_view));
     assert!(batch_matches(&crops, &grids[..9], 2, MatchRule::Paper).is_err());
 }
 
@@ -208,7 +247,13 @@ fn arb_box(img: u32) -> impl Strategy<Value = CropRecord> {
     })
 }
 
-fn check_properties(a: &CropRecord, ga: u32, b: &CropRecord, gb: u32, rule: MatchRule) -> Result<(), TestCaseError> {
+fn check_properties(
+    a: &CropRecord,
+    ga: u32,
+    b: &CropRecord,
+    gb: u32,
+    rule: MatchRule,
+) -> Result<(), TestCaseError> {
     let m = match_patches(a, ga, b, gb, rule);
     prop_assert_eq!(m.first.len(), m.second.len());
     prop_assert_eq!((m.first[0], m.second[0]), (0, 0));
@@ -224,7 +269,11 @@ fn check_properties(a: &CropRecord, ga: u32, b: &CropRecord, gb: u32, rule: Matc
                 (r, if c.flipped { grid - 1 - col } else { col })
             })
             .collect();
-        prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "not in source order: {:?}", keys);
+        prop_assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "not in source order: {:?}",
+            keys
+        );
     }
     // Symmetric under swapping the two views.
     let s = match_patches(b, gb, a, ga, rule);
@@ -241,9 +290,15 @@ fn coverage(c: &CropRecord, grid: u32, idx: u32, inter: (f64, f64, f64, f64)) ->
     let col = if c.flipped { grid - 1 - col } else { col };
     let ph = f64::from(c.height) / f64::from(grid);
     let pw = f64::from(c.width) / f64::from(grid);
-    let (y0, x0) = (f64::from(c.top) + f64::from(r) * ph, f64::from(c.left) + f64::from(col) * pw);
+    let (y0, x0) = (
+        f64::from(c.top) + f64::from(r) * ph,
+        f64::from(c.left) + f64::from(col) * pw,
+    );
     let cov = |lo: f64, hi: f64, a: f64, b: f64| ((hi.min(b) - lo.max(a)).max(0.0)) / (hi - lo);
-    (cov(y0, y0 + ph, inter.0, inter.1), cov(x0, x0 + pw, inter.2, inter.3))
+    (
+        cov(y0, y0 + ph, inter.0, inter.1),
+        cov(x0, x0 + pw, inter.2, inter.3),
+    )
 }
 
 proptest! {

@@ -33,13 +33,19 @@ impl CropRecord {
     /// The box as `T,L,H,W[,flip]`, the syntax `pwself-engine match` reads.
     pub fn to_arg(&self) -> String {
         let flip = if self.flipped { ",flip" } else { "" };
-        format!("{},{},{},{}{flip}", self.top, self.left, self.height, self.width)
+        format!(
+            "{},{},{},{}{flip}",
+            self.top, self.left, self.height, self.width
+        )
     }
     /// Checks that the box is non-empty and lies inside an `image_h x image_w` image;
     /// `field` names the argument in the error.
     pub fn check_inside(&self, image_h: u32, image_w: u32, field: &str) -> Result<()> {
         if self.height == 0 || self.width == 0 {
-            return Err(Error::bad_config(field, "the box is empty: give a height and width of at least 1"));
+            return Err(Error::bad_config(
+                field,
+                "the box is empty: give a height and width of at least 1",
+            ));
         }
         if u64::from(self.top) + u64::from(self.height) > u64::from(image_h)
             || u64::from(self.left) + u64::from(self.width) > u64::from(image_w)
@@ -72,7 +78,10 @@ pub fn parse_crop_arg(text: &str, field: &str) -> Result<CropRecord> {
     let mut n = [0u32; 4];
     for (slot, part) in n.iter_mut().zip(&parts) {
         *slot = part.parse().map_err(|_| {
-            Error::bad_config(field, format!("`{part}` in `{text}` is not a non-negative integer pixel count"))
+            Error::bad_config(
+                field,
+                format!("`{part}` in `{text}` is not a non-negative integer pixel count"),
+            )
         })?;
     }
     let flipped = match parts.get(4).map(|s| s.to_ascii_lowercase()) {
@@ -80,10 +89,19 @@ pub fn parse_crop_arg(text: &str, field: &str) -> Result<CropRecord> {
         Some(s) if s == "flip" || s == "1" || s == "true" => true,
         Some(s) if s == "noflip" || s == "0" || s == "false" => false,
         Some(s) => {
-            return Err(Error::bad_config(field, format!("`{s}` is not a flip flag: write flip, 1, true, 0 or false")))
+            return Err(Error::bad_config(
+                field,
+                format!("`{s}` is not a flip flag: write flip, 1, true, 0 or false"),
+            ))
         }
     };
-    Ok(CropRecord { top: n[0], left: n[1], height: n[2], width: n[3], flipped })
+    Ok(CropRecord {
+        top: n[0],
+        left: n[1],
+        height: n[2],
+        width: n[3],
+        flipped,
+    })
 }
 
 /// The area-fraction range of a crop, `0 < lo <= hi <= 1`.
@@ -102,7 +120,11 @@ impl Scale {
     }
     /// Checks `0 < lo <= hi <= 1`.
     pub fn validate(&self, field: &str) -> Result<()> {
-        let ok = self.lo.is_finite() && self.hi.is_finite() && self.lo > 0.0 && self.lo <= self.hi && self.hi <= 1.0;
+        let ok = self.lo.is_finite()
+            && self.hi.is_finite()
+            && self.lo > 0.0
+            && self.lo <= self.hi
+            && self.hi <= 1.0;
         if ok {
             Ok(())
         } else {
@@ -124,7 +146,13 @@ pub const ASPECT: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
 /// Samples a random-resized-crop box of an `image_h x image_w` image, then the flip.
 /// Consumes a variable number of draws from `rng` (as torchvision does); callers give
 /// every view its own stream.
-pub fn sample_crop(rng: &mut Stream, image_h: u32, image_w: u32, scale: Scale, flip_p: f64) -> CropRecord {
+pub fn sample_crop(
+    rng: &mut Stream,
+    image_h: u32,
+    image_w: u32,
+    scale: Scale,
+    flip_p: f64,
+) -> CropRecord {
     let (h_img, w_img) = (f64::from(image_h), f64::from(image_w));
     let area = h_img * w_img;
     let (log_lo, log_hi) = (ASPECT.0.ln(), ASPECT.1.ln());
@@ -145,7 +173,13 @@ pub fn sample_crop(rng: &mut Stream, image_h: u32, image_w: u32, scale: Scale, f
     }
     let (top, left, height, width) = found.unwrap_or_else(|| centre_crop(image_h, image_w));
     let flipped = rng.next_f64() < flip_p;
-    CropRecord { top, left, height, width, flipped }
+    CropRecord {
+        top,
+        left,
+        height,
+        width,
+        flipped,
+    }
 }
 
 /// torchvision's fallback after ten rejected tries: the largest centred box whose aspect
@@ -196,26 +230,58 @@ mod tests {
     #[test]
     fn parse_and_print_round_trip() {
         let c = parse_crop_arg("3, 4, 50,60,flip", "--box1").unwrap();
-        assert_eq!(c, CropRecord { top: 3, left: 4, height: 50, width: 60, flipped: true });
+        assert_eq!(
+            c,
+            CropRecord {
+                top: 3,
+                left: 4,
+                height: 50,
+                width: 60,
+                flipped: true
+            }
+        );
         assert_eq!(parse_crop_arg(&c.to_arg(), "x").unwrap(), c);
         let e = parse_crop_arg("1,2,3", "--box2").unwrap_err().to_string();
-        assert!(e.contains("--box2") && e.contains("TOP,LEFT,HEIGHT,WIDTH"), "{e}");
-        assert!(parse_crop_arg("1,2,3,x", "--box2").unwrap_err().to_string().contains("`x`"));
+        assert!(
+            e.contains("--box2") && e.contains("TOP,LEFT,HEIGHT,WIDTH"),
+            "{e}"
+        );
+        assert!(parse_crop_arg("1,2,3,x", "--box2")
+            .unwrap_err()
+            .to_string()
+            .contains("`x`"));
         assert!(parse_crop_arg("1,2,3,4,maybe", "--box2").is_err());
     }
 
     #[test]
     fn scale_outside_unit_interval_is_refused() {
-        for (lo, hi) in [(0.0, 0.5), (-0.1, 0.5), (0.5, 1.2), (0.6, 0.5), (f64::NAN, 1.0)] {
-            let e = Scale::new(lo, hi, "views.local_scale").unwrap_err().to_string();
-            assert!(e.contains("views.local_scale") && e.contains("(0, 1]"), "{e}");
+        for (lo, hi) in [
+            (0.0, 0.5),
+            (-0.1, 0.5),
+            (0.5, 1.2),
+            (0.6, 0.5),
+            (f64::NAN, 1.0),
+        ] {
+            let e = Scale::new(lo, hi, "views.local_scale")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("views.local_scale") && e.contains("(0, 1]"),
+                "{e}"
+            );
         }
         assert!(Scale::new(1.0, 1.0, "x").is_ok());
     }
 
     #[test]
     fn box_outside_image_is_refused() {
-        let c = CropRecord { top: 200, left: 0, height: 100, width: 10, flipped: false };
+        let c = CropRecord {
+            top: 200,
+            left: 0,
+            height: 100,
+            width: 10,
+            flipped: false,
+        };
         let e = c.check_inside(256, 256, "--box1").unwrap_err().to_string();
         assert!(e.contains("--box1") && e.contains("256x256"), "{e}");
     }

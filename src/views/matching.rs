@@ -19,7 +19,17 @@ use crate::error::{Error, Result};
 use crate::views::crop::CropRecord;
 
 /// Which matching rule to apply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum MatchRule {
     /// The paper's rule with exact arithmetic.
@@ -40,7 +50,10 @@ pub struct Matches {
 impl Matches {
     /// Only the CLS pair.
     pub fn cls_only() -> Matches {
-        Matches { first: vec![0], second: vec![0] }
+        Matches {
+            first: vec![0],
+            second: vec![0],
+        }
     }
     /// Number of matched pairs, CLS included.
     pub fn len(&self) -> usize {
@@ -54,7 +67,13 @@ impl Matches {
 
 /// The matched tokens of two views of one source image.
 /// `grid_a` / `grid_b` are the patches per side of each view (`side / patch_size`).
-pub fn match_patches(a: &CropRecord, grid_a: u32, b: &CropRecord, grid_b: u32, rule: MatchRule) -> Matches {
+pub fn match_patches(
+    a: &CropRecord,
+    grid_a: u32,
+    b: &CropRecord,
+    grid_b: u32,
+    rule: MatchRule,
+) -> Matches {
     let top = a.top.max(b.top);
     let bottom = a.bottom().min(b.bottom());
     let left = a.left.max(b.left);
@@ -72,7 +91,10 @@ pub fn match_patches(a: &CropRecord, grid_a: u32, b: &CropRecord, grid_b: u32, r
     let (cols_a, cols_b) = pair_up(rule, &cols_a, &cols_b);
 
     let n = 1 + rows_a.len() * cols_a.len();
-    let mut m = Matches { first: Vec::with_capacity(n), second: Vec::with_capacity(n) };
+    let mut m = Matches {
+        first: Vec::with_capacity(n),
+        second: Vec::with_capacity(n),
+    };
     m.first.push(0);
     m.second.push(0);
     for (&ra, &rb) in rows_a.iter().zip(&rows_b) {
@@ -87,7 +109,15 @@ pub fn match_patches(a: &CropRecord, grid_a: u32, b: &CropRecord, grid_b: u32, r
 /// The patch indices (in the view's own grid) of the rows or columns that lie inside
 /// `[inter_lo, inter_hi)`, listed in source order. `crop_lo`/`extent` describe the
 /// view's box on this axis; `flipped` mirrors the columns of a flipped view.
-fn axis_run(rule: MatchRule, grid: u32, crop_lo: u32, extent: u32, inter_lo: u32, inter_hi: u32, flipped: bool) -> Vec<u32> {
+fn axis_run(
+    rule: MatchRule,
+    grid: u32,
+    crop_lo: u32,
+    extent: u32,
+    inter_lo: u32,
+    inter_hi: u32,
+    flipped: bool,
+) -> Vec<u32> {
     match rule {
         MatchRule::Paper => {
             // Patch c spans [c*E, (c+1)*E) in units of 1/P pixels (E = extent); the
@@ -106,8 +136,10 @@ fn axis_run(rule: MatchRule, grid: u32, crop_lo: u32, extent: u32, inter_lo: u32
         }
         MatchRule::Official => {
             let p = f64::from(grid);
-            let start = (p * ((f64::from(inter_lo) - f64::from(crop_lo)) / f64::from(extent))).round_ties_even() as i64;
-            let count = (p * ((f64::from(inter_hi) - f64::from(inter_lo)) / f64::from(extent))).round_ties_even() as i64;
+            let start = (p * ((f64::from(inter_lo) - f64::from(crop_lo)) / f64::from(extent)))
+                .round_ties_even() as i64;
+            let count = (p * ((f64::from(inter_hi) - f64::from(inter_lo)) / f64::from(extent)))
+                .round_ties_even() as i64;
             let end = start + count;
             let g = i64::from(grid);
             if flipped {
@@ -147,12 +179,20 @@ pub fn subsample(rule: MatchRule, n_big: usize, n_small: usize) -> Vec<usize> {
         0 => Vec::new(),
         1 => vec![0],
         _ => match rule {
-            MatchRule::Paper => (0..n_small).map(|k| k * (n_big - 1) / (n_small - 1)).collect(),
+            MatchRule::Paper => (0..n_small)
+                .map(|k| k * (n_big - 1) / (n_small - 1))
+                .collect(),
             MatchRule::Official => {
                 // numpy.linspace(0, n_big - 1, n_small): k * step, the last set to the end.
                 let step = (n_big - 1) as f64 / (n_small - 1) as f64;
                 (0..n_small)
-                    .map(|k| if k == n_small - 1 { n_big - 1 } else { (k as f64 * step).floor() as usize })
+                    .map(|k| {
+                        if k == n_small - 1 {
+                            n_big - 1
+                        } else {
+                            (k as f64 * step).floor() as usize
+                        }
+                    })
                     .collect()
             }
         },
@@ -173,24 +213,40 @@ pub struct PairMatches {
 /// All teacher/student pairs of a batch: for each global view `i < n_global` and each
 /// view `j != i`, the matches between them. With 2 global and 8 local views that is
 /// 2 global-global + 16 global-local = 18 pairs. `grids[v]` is view `v`'s patches per side.
-pub fn batch_matches(crops: &[CropRecord], grids: &[u32], n_global: usize, rule: MatchRule) -> Result<Vec<PairMatches>> {
+pub fn batch_matches(
+    crops: &[CropRecord],
+    grids: &[u32],
+    n_global: usize,
+    rule: MatchRule,
+) -> Result<Vec<PairMatches>> {
     if crops.len() != grids.len() {
         return Err(Error::bad_config(
             "views",
-            format!("{} crop records but {} grids: give one grid per view", crops.len(), grids.len()),
+            format!(
+                "{} crop records but {} grids: give one grid per view",
+                crops.len(),
+                grids.len()
+            ),
         ));
     }
     if n_global > crops.len() {
         return Err(Error::bad_config(
             "views.global_count",
-            format!("{n_global} teacher views but only {} views in all", crops.len()),
+            format!(
+                "{n_global} teacher views but only {} views in all",
+                crops.len()
+            ),
         ));
     }
     let mut pairs = Vec::with_capacity(n_global * crops.len().saturating_sub(1));
     for i in 0..n_global {
         for j in (0..crops.len()).filter(|&j| j != i) {
             let matches = match_patches(&crops[i], grids[i], &crops[j], grids[j], rule);
-            pairs.push(PairMatches { teacher_view: i, student_view: j, matches });
+            pairs.push(PairMatches {
+                teacher_view: i,
+                student_view: j,
+                matches,
+            });
         }
     }
     Ok(pairs)

@@ -1,0 +1,264 @@
+//! What views to make: counts, sides, scales, patch size, interpolation, augmentation.
+//!
+//! Presets cover 28x28 and 32x32 sources (Fashion-MNIST, CIFAR) and the paper's 224/96
+//! setup; every field can be overridden, and [`ViewConfig::validate`] refuses impossible
+//! combinations with the name of the field at fault.
+
+use crate::error::{Error, Result};
+use crate::views::crop::Scale;
+use crate::views::matching::MatchRule;
+use crate::views::photometric::PhotometricConfig;
+use crate::views::resize::Interpolation;
+
+/// The named view setups.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// 28x28 sources (Fashion-MNIST, MNIST): 2 x 28 global + 8 x 12 local, patch 4.
+    Small28,
+    /// 32x32 sources (CIFAR-10/100): 2 x 32 global + 8 x 16 local, patch 4.
+    Small32,
+    /// The paper's ImageNet setup: 2 x 224 global + 8 x 96 local, patch 16.
+    Paper224,
+}
+
+/// One family of views (the globals or the locals).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ViewFamily {
+    /// How many views of this family each image gets.
+    pub count: usize,
+    /// Output side in pixels (square views); a multiple of the patch size.
+    pub side: usize,
+    /// Area-fraction range of the random-resized-crop.
+    pub scale: Scale,
+}
+
+/// Everything that decides how a batch's views are built and matched.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ViewConfig {
+    /// ViT patch size in pixels; both sides must be multiples of it.
+    pub patch_size: usize,
+    /// Global views: seen by the teacher and the student.
+    pub global: ViewFamily,
+    /// Local views: seen by the student only.
+    pub local: ViewFamily,
+    /// Resize filter for crop -> view.
+    pub interpolation: Interpolation,
+    /// Probability of a horizontal flip per view.
+    pub flip_p: f64,
+    /// Photometric augmentation per patch (the paper) or per view (DINO).
+    pub per_patch: bool,
+    /// Photometric recipe of the first global view, the second (and every other odd
+    /// one), and the locals.
+    pub global1: PhotometricConfig,
+    pub global2: PhotometricConfig,
+    pub local_aug: PhotometricConfig,
+    /// Which patch-matching rule pairs tokens.
+    pub match_rule: MatchRule,
+}
+
+impl ViewConfig {
+    /// A preset's configuration.
+    pub fn preset(preset: Preset) -> ViewConfig {
+        let (patch, g, l) = match preset {
+            Preset::Small28 => (4, 28, 12),
+            Preset::Small32 => (4, 32, 16),
+            Preset::Paper224 => (16, 224, 96),
+        };
+        ViewConfig {
+            patch_size: patch,
+            global: ViewFamily {
+                count: 2,
+                side: g,
+                scale: Scale { lo: 0.4, hi: 1.0 },
+            },
+            local: ViewFamily {
+                count: 8,
+                side: l,
+                scale: Scale { lo: 0.05, hi: 0.4 },
+            },
+            interpolation: Interpolation::Bicubic,
+            flip_p: 0.5,
+            per_patch: true,
+            global1: PhotometricConfig::dino_global1(),
+            global2: PhotometricConfig::dino_global2(),
+            local_aug: PhotometricConfig::dino_local(),
+            match_rule: MatchRule::Paper,
+        }
+    }
+
+    /// The preset that fits a source of `height x width` (28 or less: small28; up to 64:
+    /// small32; otherwise paper224).
+    pub fn preset_for_source(height: usize, width: usize) -> Preset {
+        match height.max(width) {
+            0..=28 => Preset::Small28,
+            29..=64 => Preset::Small32,
+            _ => Preset::Paper224,
+        }
+    }
+
+    /// Number of views per image.
+    pub fn num_views(&self) -> usize {
+        self.global.count + self.local.count
+    }
+
+    /// Side of view `v` (globals first, then locals).
+    pub fn side(&self, v: usize) -> usize {
+        if v < self.global.count {
+            self.global.side
+        } else {
+            self.local.side
+        }
+    }
+
+    /// Patches per side of view `v`.
+    pub fn grid(&self, v: usize) -> usize {
+        self.side(v) / self.patch_size
+    }
+
+    /// The photometric recipe of view `v`.
+    pub fn photometric(&self, v: usize) -> &PhotometricConfig {
+        if v >= self.global.count {
+            &self.local_aug
+        } else if v % 2 == 0 {
+            &self.global1
+        } else {
+            &self.global2
+        }
+    }
+
+    /// Refuses impossible settings, naming the field and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let p = self.patch_size;
+        if p == 0 {
+            return Err(Error::bad_config(
+                "patch_size (--patch)",
+                "must be at least 1 pixel (e.g. 4 for 28x28 images, 16 for 224)",
+            ));
+        }
+        if self.global.count == 0 {
+            return Err(Error::bad_config(
+                "views.global_count (--global-views)",
+                "needs at least 1 global view: the teacher sees only globals",
+            ));
+        }
+        if self.global.count > 4096 || self.local.count > 4096 {
+            return Err(Error::bad_config(
+                "views",
+                "at most 4096 views of each family",
+            ));
+        }
+        for (name, fam) in [("global", &self.global), ("local", &self.local)] {
+            if fam.count == 0 {
+                continue;
+            }
+            if fam.side == 0 || fam.side % p != 0 {
+                let down = fam.side / p * p;
+                return Err(Error::bad_config(
+                    format!("views.{name}_side (--view-sides)"),
+                    format!(
+                        "view side {} is not divisible by the patch size {p}; use a multiple of {p} such as {} or {}",
+                        fam.side,
+                        down.max(p),
+                        down + p
+                    ),
+                ));
+            }
+            if fam.side / p > 1024 {
+                return Err(Error::bad_config(
+                    format!("views.{name}_side"),
+                    "at most 1024 patches per side",
+                ));
+            }
+            fam.scale
+                .validate(&format!("views.{name}_scale (--{name}-scale)"))?;
+        }
+        if !(0.0..=1.0).contains(&self.flip_p) {
+            return Err(Error::bad_config(
+                "views.flip_p",
+                format!("{} is not a probability in [0, 1]", self.flip_p),
+            ));
+        }
+        self.global1.validate("augment.global1")?;
+        self.global2.validate("augment.global2")?;
+        self.local_aug.validate("augment.local")?;
+        Ok(())
+    }
+}
+
+/// Parses `A,B` into two numbers (for `--view-sides 224,96` and `--global-scale 0.4,1`).
+pub fn parse_pair<T: std::str::FromStr + Copy>(text: &str, field: &str) -> Result<(T, T)> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let parse = |s: &str| {
+        s.parse::<T>().map_err(|_| {
+            Error::bad_config(
+                field,
+                format!("`{s}` in `{text}` is not a number; write two numbers as A,B"),
+            )
+        })
+    };
+    match parts.as_slice() {
+        [a, b] => Ok((parse(a)?, parse(b)?)),
+        [a] => parse(a).map(|v| (v, v)),
+        _ => Err(Error::bad_config(
+            field,
+            format!("`{text}` should be two numbers written A,B"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for p in [Preset::Small28, Preset::Small32, Preset::Paper224] {
+            ViewConfig::preset(p).validate().unwrap();
+        }
+        let c = ViewConfig::preset(Preset::Paper224);
+        assert_eq!(
+            (c.grid(0), c.grid(1), c.grid(2), c.num_views()),
+            (14, 14, 6, 10)
+        );
+    }
+
+    #[test]
+    fn side_not_divisible_by_patch_is_refused() {
+        let mut c = ViewConfig::preset(Preset::Small28);
+        c.local.side = 14;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("views.local_side") && e.contains("not divisible by the patch size 4"),
+            "{e}"
+        );
+        assert!(e.contains("12 or 16"), "{e}");
+    }
+
+    #[test]
+    fn scale_outside_unit_interval_is_refused() {
+        let mut c = ViewConfig::preset(Preset::Small32);
+        c.global.scale = Scale { lo: 0.4, hi: 1.5 };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("views.global_scale") && e.contains("(0, 1]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pair_parsing() {
+        assert_eq!(
+            parse_pair::<usize>("224,96", "--view-sides").unwrap(),
+            (224, 96)
+        );
+        assert_eq!(parse_pair::<usize>("32", "--view-sides").unwrap(), (32, 32));
+        assert!(parse_pair::<usize>("a,3", "--view-sides")
+            .unwrap_err()
+            .to_string()
+            .contains("--view-sides"));
+        assert!(parse_pair::<f64>("1,2,3", "--scale").is_err());
+    }
+}
