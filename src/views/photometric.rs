@@ -37,7 +37,10 @@
 //! | 10 | 1 | `next_f32()` | solarize fires if `u < solarize_p` |
 //! | 11 | 1 | `next_f32()` | noise fires if `u < noise_p` |
 //!
-//! (torchvision draws the jitter order and then the four factors too.) The noise stream is
+//! With `rng::Stream`'s primitives: `next_f32() = (u >> 8) * 2^-24`,
+//! `uniform(lo, hi) = lo + (hi - lo) * next_f32()`, `below(24) = ((u0 << 32 | u1) * 24) >> 64`
+//! (u0 drawn first), `normal() = sqrt(-2 ln(1 - next_f32())) * cos(2 pi next_f32())`.
+//! torchvision's `ColorJitter` also draws the order first and then the four factors. The noise stream is
 //! separate and indexed by pixel: the value for element `e` of the region in planar order
 //! (`e = (ch * h + y) * w + x`) is the `e`-th `normal()`, i.e. u32 draws `2e` and `2e + 1`
 //! (Box-Muller); it is read only when noise fires, which affects no other draw.
@@ -67,9 +70,18 @@
 //! `_hsv2rgb`); this code also clamps after grayscale and blur, where it only removes the f32
 //! rounding of weights that sum to 1 (an ulp), so the output is always in [0, 1] and solarize
 //! never produces a value below 0. Operators whose strength is 0 are exact identities (factor
-//! 1); the hue shift is skipped when its factor is exactly 0, like torchvision skips a zero
-//! strength. With C = 1, saturation, hue and grayscale are identities (their draws are still
+//! 1); the hue shift is skipped when its factor is exactly 0 (always so at hue strength 0,
+//! where torchvision skips it too; the HSV round trip is not bit-exact). With C = 1, saturation, hue and grayscale are identities (their draws are still
 //! consumed).
+//!
+//! # For the GPU twin
+//!
+//! Every expression above is written in the order it is evaluated, one f32 rounding per
+//! operation; Rust never fuses a multiply and an add, so a kernel must not either (nvcc
+//! `--fmad=false`, or `__fmul_rn` / `__fadd_rn`) to match bit for bit. `exp`, `ln` and `cos`
+//! (blur weights, Box-Muller) are libm's here and CUDA's there: those differ by an ulp or two,
+//! so compare blurred or noisy pixels within a small tolerance and everything else exactly.
+//! Gates compare the same f32 draws, so which operators fire matches exactly.
 //!
 //! # Additive noise (the paper lists it; DINO has none)
 //!
@@ -639,6 +651,7 @@ pub fn augment_region(
 /// If `channels` is not 1 or 3, `patch` is 0 or does not divide `side`, `view.len()` is not
 /// `channels * side * side`, `view_index >= 4096`, or (per patch) the grid has `2^20 - 1` or
 /// more patches: the caller's invariants, checked when the configuration is validated.
+// The signature is the view builder's contract (SPEC.md section 2): one argument per counter word.
 #[allow(clippy::too_many_arguments)]
 pub fn augment_view(
     view: &mut [f32],

@@ -41,7 +41,10 @@
 //!
 //! Each sum starts at 0.0 and adds the taps in ascending `k`. Unlike PIL's 8-bit path the
 //! intermediate is not rounded to u8 (PIL's float "F" mode path matches this one to f32
-//! rounding, which is what the tests compare against).
+//! rounding, which is what the tests compare against; PIL's 8-bit path is within about 1/255).
+//!
+//! A GPU twin should take the plan's f32 weights and tap ranges as input ([`AxisTaps`]) rather
+//! than recompute them, and must not fuse multiply-adds (Rust never does) to match bit for bit.
 
 use super::crop::CropRecord;
 
@@ -402,6 +405,37 @@ mod tests {
                         assert_eq!(a[i + x], b[i + side - 1 - x]);
                     }
                 }
+            }
+        }
+    }
+
+    /// Pixels outside the crop box never reach the output: painting them 0 or 255 changes
+    /// nothing, for downscales (wide stretched filters) and upscales alike.
+    #[test]
+    fn never_reads_outside_the_crop_box() {
+        let (h, w, c) = (24, 24, 3);
+        let crop = rec(5, 7, 11, 9, true);
+        let inside = |y: usize, x: usize| (5..16).contains(&y) && (7..16).contains(&x);
+        let base = image(h, w, c);
+        let paint = |v: u8| -> Vec<u8> {
+            let mut img = base.clone();
+            for y in 0..h {
+                for x in 0..w {
+                    if !inside(y, x) {
+                        img[(y * w + x) * c..][..c].fill(v);
+                    }
+                }
+            }
+            img
+        };
+        let (dark, light) = (paint(0), paint(255));
+        for interp in [Interpolation::Bilinear, Interpolation::Bicubic] {
+            for side in [3, 5, 20] {
+                let plan = ResizePlan::new(&crop, side, interp);
+                let (mut a, mut b) = (vec![0.0; c * side * side], vec![0.0; c * side * side]);
+                plan.apply(&dark, h, w, c, &mut a);
+                plan.apply(&light, h, w, c, &mut b);
+                assert_eq!(a, b, "{interp:?} side {side}");
             }
         }
     }
