@@ -4,7 +4,11 @@
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pwself-engine")).args(args).env("RUST_BACKTRACE", "0").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_pwself-engine"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
 }
 
 fn refused(args: &[&str], must_mention: &[&str]) {
@@ -13,7 +17,10 @@ fn refused(args: &[&str], must_mention: &[&str]) {
     assert!(!out.status.success(), "{args:?} should fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     for m in must_mention {
-        assert!(err.contains(m), "{args:?}: stderr should mention {m:?}: {err}");
+        assert!(
+            err.contains(m),
+            "{args:?}: stderr should mention {m:?}: {err}"
+        );
     }
 }
 
@@ -23,42 +30,120 @@ fn match_prints_the_hand_worked_example() {
     // (3x3 grid: 4-px rows, 8-px columns). Intersection [0,12) x [0,24): the teacher's rows
     // 0..3 pair 1:1 with the student's; its 6 columns subsample to floor(k*5/2) = 0, 2, 5.
     let out = run(&[
-        "match", "--image", "64x64", "--patch", "4", "--view-sides", "64,12", "--box1", "0,0,64,64", "--box2",
-        "0,0,12,24", "--json",
+        "match",
+        "--image",
+        "64x64",
+        "--patch",
+        "4",
+        "--view-sides",
+        "64,12",
+        "--box1",
+        "0,0,64,64",
+        "--box2",
+        "0,0,12,24",
+        "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["teacher"], serde_json::json!([0, 1, 3, 6, 17, 19, 22, 33, 35, 38]));
-    assert_eq!(v["student"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]));
-    assert_eq!(v.as_object().unwrap().len(), 2, "exactly the keys teacher and student");
+    assert_eq!(
+        v["teacher"],
+        serde_json::json!([0, 1, 3, 6, 17, 19, 22, 33, 35, 38])
+    );
+    assert_eq!(
+        v["student"],
+        serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    );
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        2,
+        "exactly the keys teacher and student"
+    );
 
-    let text = run(&["match", "--box1", "0,0,256,256", "--box2", "0,0,256,256,flip", "--rule", "official"]);
+    let text = run(&[
+        "match",
+        "--box1",
+        "0,0,256,256",
+        "--box2",
+        "0,0,256,256,flip",
+        "--rule",
+        "official",
+    ]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("37 matched tokens") && text.contains("teacher: 0 ") && text.contains("student: 0 "), "{text}");
+    assert!(
+        text.contains("37 matched tokens")
+            && text.contains("teacher: 0 ")
+            && text.contains("student: 0 "),
+        "{text}"
+    );
 }
 
 #[test]
 fn match_refuses_bad_arguments() {
-    refused(&["match", "--view-sides", "224,90", "--box1", "0,0,9,9", "--box2", "0,0,9,9"], &["--view-sides", "90"]);
-    refused(&["match", "--box1", "0,0,300,9", "--box2", "0,0,9,9"], &["--box1", "256x256"]);
-    refused(&["match", "--box1", "0,0,9", "--box2", "0,0,9,9"], &["--box1", "TOP,LEFT,HEIGHT,WIDTH"]);
-    refused(&["match", "--image", "big", "--box1", "0,0,9,9", "--box2", "0,0,9,9"], &["--image", "HEIGHTxWIDTH"]);
+    refused(
+        &[
+            "match",
+            "--view-sides",
+            "224,90",
+            "--box1",
+            "0,0,9,9",
+            "--box2",
+            "0,0,9,9",
+        ],
+        &["--view-sides", "90"],
+    );
+    refused(
+        &["match", "--box1", "0,0,300,9", "--box2", "0,0,9,9"],
+        &["--box1", "256x256"],
+    );
+    refused(
+        &["match", "--box1", "0,0,9", "--box2", "0,0,9,9"],
+        &["--box1", "TOP,LEFT,HEIGHT,WIDTH"],
+    );
+    refused(
+        &[
+            "match", "--image", "big", "--box1", "0,0,9,9", "--box2", "0,0,9,9",
+        ],
+        &["--image", "HEIGHTxWIDTH"],
+    );
     refused(&["match", "--box1", "0,0,9,9"], &["--box2"]);
 }
 
 #[test]
 fn views_refuse_impossible_settings() {
-    refused(&["views", "--batches", "1", "--view-sides", "28,14"], &["--view-sides", "not divisible by the patch size 4"]);
-    refused(&["views", "--batches", "1", "--local-scale", "0,0.4"], &["--local-scale", "(0, 1]"]);
-    refused(&["views", "--batches", "1", "--global-scale", "0.4,1.2"], &["--global-scale", "(0, 1]"]);
-    refused(&["views", "--batches", "1", "--data", "/nonexistent/x.pwpack"], &["/nonexistent/x.pwpack"]);
-    refused(&["views", "--batches", "1", "--batch", "20000"], &["--batch", "10000 images"]);
+    refused(
+        &["views", "--batches", "1", "--view-sides", "28,14"],
+        &["--view-sides", "not divisible by the patch size 4"],
+    );
+    refused(
+        &["views", "--batches", "1", "--local-scale", "0,0.4"],
+        &["--local-scale", "(0, 1]"],
+    );
+    refused(
+        &["views", "--batches", "1", "--global-scale", "0.4,1.2"],
+        &["--global-scale", "(0, 1]"],
+    );
+    refused(
+        &["views", "--batches", "1", "--data", "/nonexistent/x.pwpack"],
+        &["/nonexistent/x.pwpack"],
+    );
+    refused(
+        &["views", "--batches", "1", "--batch", "20000"],
+        &["--batch", "10000 images"],
+    );
 }
 
 #[test]
 fn views_run_on_the_embedded_data() {
     let out = run(&["views", "--batches", "3", "--batch", "16", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["batches"], 3);
     assert_eq!(v["images"], 10_000);
@@ -74,11 +159,28 @@ fn views_run_on_the_embedded_data() {
 fn viz_matches_writes_a_picture() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("m.png");
-    let out = run(&["viz", "matches", "--index", "3", "--out", png.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "viz",
+        "matches",
+        "--index",
+        "3",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let img = image::open(&png).unwrap();
     // Source (28 px at 11x) + teacher (28 px at 11x) + student (12 px at 26x) + margins.
-    assert_eq!((img.width(), img.height()), (40 + 308 + 40 + 308 + 80 + 312 + 40, 40 + 312 + 40));
-    refused(&["viz", "matches", "--index", "10000"], &["--index", "10000 images"]);
+    assert_eq!(
+        (img.width(), img.height()),
+        (40 + 308 + 40 + 308 + 80 + 312 + 40, 40 + 312 + 40)
+    );
+    refused(
+        &["viz", "matches", "--index", "10000"],
+        &["--index", "10000 images"],
+    );
     refused(&["viz", "matches", "--teacher", "5"], &["--teacher"]);
 }
