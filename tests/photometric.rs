@@ -10,14 +10,7 @@ use pwself_engine::views::photometric::{
 
 /// Every operator off; tests switch on what they need.
 fn off() -> PhotometricConfig {
-    PhotometricConfig {
-        jitter_p: 0.0,
-        grayscale_p: 0.0,
-        blur_p: 0.0,
-        solarize_p: 0.0,
-        noise_p: 0.0,
-        ..PhotometricConfig::dino_global1()
-    }
+    PhotometricConfig::none()
 }
 
 /// Jitter always, nothing else.

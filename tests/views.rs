@@ -33,17 +33,6 @@ fn make_pack(dir: &Path, n: usize) -> Pack {
     Pack::open(&path).unwrap()
 }
 
-fn no_photometric() -> PhotometricConfig {
-    PhotometricConfig {
-        jitter_p: 0.0,
-        grayscale_p: 0.0,
-        blur_p: 0.0,
-        solarize_p: 0.0,
-        noise_p: 0.0,
-        ..PhotometricConfig::dino_global1()
-    }
-}
-
 #[test]
 fn crops_are_shared_by_the_batch_and_photometric_draws_are_not() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,8 +40,11 @@ fn crops_are_shared_by_the_batch_and_photometric_draws_are_not() {
     let cfg = ViewConfig::preset(Preset::Small32);
     let with_aug = ViewBuilder::new(cfg.clone(), 5, &pack).unwrap();
     let mut plain_cfg = cfg.clone();
-    (plain_cfg.global1, plain_cfg.global2, plain_cfg.local_aug) =
-        (no_photometric(), no_photometric(), no_photometric());
+    (plain_cfg.global1, plain_cfg.global2, plain_cfg.local_aug) = (
+        PhotometricConfig::none(),
+        PhotometricConfig::none(),
+        PhotometricConfig::none(),
+    );
     let plain = ViewBuilder::new(plain_cfg, 5, &pack).unwrap();
 
     let b = plain.build(&pack, 3, 0, &[0, 1, 2]).unwrap();
@@ -90,8 +82,11 @@ fn views_are_normalised_with_the_pack_statistics() {
     let dir = tempfile::tempdir().unwrap();
     let pack = make_pack(dir.path(), 5);
     let mut cfg = ViewConfig::preset(Preset::Small32);
-    (cfg.global1, cfg.global2, cfg.local_aug) =
-        (no_photometric(), no_photometric(), no_photometric());
+    (cfg.global1, cfg.global2, cfg.local_aug) = (
+        PhotometricConfig::none(),
+        PhotometricConfig::none(),
+        PhotometricConfig::none(),
+    );
     let builder = ViewBuilder::new(cfg, 1, &pack).unwrap();
     let b = builder.build(&pack, 0, 0, &[4]).unwrap(); // the constant image, value 200
     for buf in &b.views {

@@ -177,6 +177,20 @@ impl PhotometricConfig {
         }
     }
 
+    /// No photometric change at all (every probability 0): the views are the resized crops.
+    /// Strengths keep DINO's values, so switching one probability back on gives DINO's
+    /// operator.
+    pub fn none() -> Self {
+        PhotometricConfig {
+            jitter_p: 0.0,
+            grayscale_p: 0.0,
+            blur_p: 0.0,
+            solarize_p: 0.0,
+            noise_p: 0.0,
+            ..Self::dino_global1()
+        }
+    }
+
     /// Checks every field; errors name the field as `{field_prefix}.{field}`.
     pub fn validate(&self, field_prefix: &str) -> Result<()> {
         let name = |f: &str| {
@@ -745,14 +759,7 @@ mod tests {
     }
 
     fn off() -> PhotometricConfig {
-        PhotometricConfig {
-            jitter_p: 0.0,
-            grayscale_p: 0.0,
-            blur_p: 0.0,
-            solarize_p: 0.0,
-            noise_p: 0.0,
-            ..PhotometricConfig::dino_global1()
-        }
+        PhotometricConfig::none()
     }
 
     /// Lexicographic permutations by the textbook next-permutation step, independent of the
