@@ -10,7 +10,9 @@
 //! - [`rng`]: the counter-based random numbers every draw comes from.
 
 pub mod data;
+pub mod cpu;
 pub mod error;
+pub mod model;
 pub mod rng;
 pub mod views;
 pub mod viz;

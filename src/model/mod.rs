@@ -1,0 +1,3 @@
+//! The network: ViT backbone and DINO head configuration, the flat parameter buffer and
+//! its named-tensor table, initialisation, and the forward/backward composition.
+pub mod params;
