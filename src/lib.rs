@@ -12,7 +12,10 @@
 pub mod data;
 pub mod cpu;
 pub mod error;
+pub mod eval;
+pub mod loss;
 pub mod model;
+pub mod optim;
 pub mod rng;
 pub mod views;
 pub mod viz;

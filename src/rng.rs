@@ -43,6 +43,10 @@ pub enum Purpose {
     Noise = 3,
     /// The order in which an epoch visits the images.
     Shuffle = 4,
+    /// Parameter initialisation.
+    Init = 5,
+    /// Stochastic-depth (drop-path) masks.
+    DropPath = 6,
 }
 
 /// Bits of the last counter word left for the block index within one stream.

@@ -58,9 +58,16 @@ impl ParamTable {
     /// On a duplicate name (a programming error in the model's constructor).
     pub fn push(&mut self, name: impl Into<String>, shape: &[usize]) -> usize {
         let name = name.into();
-        assert!(!self.by_name.contains_key(&name), "duplicate tensor name {name}");
+        assert!(
+            !self.by_name.contains_key(&name),
+            "duplicate tensor name {name}"
+        );
         let offset = self.total.next_multiple_of(16);
-        let info = TensorInfo { name: name.clone(), shape: shape.to_vec(), offset };
+        let info = TensorInfo {
+            name: name.clone(),
+            shape: shape.to_vec(),
+            offset,
+        };
         self.total = offset + info.len();
         self.by_name.insert(name, self.tensors.len());
         self.tensors.push(info);
@@ -92,7 +99,8 @@ impl ParamTable {
     /// # Panics
     /// If the name is not in the table (a programming error).
     pub fn info(&self, name: &str) -> &TensorInfo {
-        self.get(name).unwrap_or_else(|| panic!("no tensor named {name}"))
+        self.get(name)
+            .unwrap_or_else(|| panic!("no tensor named {name}"))
     }
 
     /// `name`'s elements in `buf` (any buffer with this table's layout).
@@ -136,11 +144,18 @@ mod tests {
 
     #[test]
     fn decay_follows_ndim() {
-        let info = |name: &str, shape: &[usize]| TensorInfo { name: name.into(), shape: shape.to_vec(), offset: 0 };
+        let info = |name: &str, shape: &[usize]| TensorInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+            offset: 0,
+        };
         assert!(info("blocks.0.attn.qkv.weight", &[24, 8]).decays());
         assert!(!info("blocks.0.attn.qkv.bias", &[24]).decays());
         assert!(!info("blocks.0.norm1.weight", &[8]).decays());
-        assert!(info("cls_token", &[1, 1, 8]).decays(), "DINO decays the 3-D tokens");
+        assert!(
+            info("cls_token", &[1, 1, 8]).decays(),
+            "DINO decays the 3-D tokens"
+        );
         assert!(info("pos_embed", &[1, 50, 8]).decays());
         assert!(info("head.last_layer.weight_v", &[64, 16]).decays());
     }

@@ -1,0 +1,678 @@
+//! The network on the CPU: a ViT backbone (all tokens out) and the DINO head, forward and
+//! backward, composed from the layer kernels in [`crate::cpu`]. Parameters live in one
+//! flat buffer described by [`Network::table`], with timm's names for the backbone
+//! (`vit_*_patch*`: `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.{i}.norm1.*`,
+//! `blocks.{i}.attn.qkv.*`, `blocks.{i}.attn.proj.*`, `blocks.{i}.norm2.*`,
+//! `blocks.{i}.mlp.fc1.*`, `blocks.{i}.mlp.fc2.*`, `norm.*`) and DINO's for the head
+//! (`head.mlp.{0,2,4}.*`, `head.last_layer.weight_v`; `weight_g` is fixed to 1 and not a
+//! parameter).
+//!
+//! This is the reference the CUDA backend is checked against: plain, sequential over
+//! layers, every activation backward needs kept in a [`BackboneActs`] / [`HeadActs`].
+//! Backward passes accumulate into the gradient buffer (the caller zeroes it once per
+//! step), so the globals and the locals can run through the same weights separately.
+
+use rayon::prelude::*;
+
+use crate::cpu::attention::{attention_backward, attention_forward};
+use crate::cpu::gelu::{gelu_backward, gelu_forward};
+use crate::cpu::head::{
+    l2norm_backward, l2norm_forward, weight_norm_backward, weight_norm_forward,
+};
+use crate::cpu::layernorm::{layernorm_backward, layernorm_forward};
+use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::patch_embed::{
+    add_cls_and_pos, add_cls_and_pos_backward, im2col, pos_embed_backward, pos_embed_forward,
+};
+use crate::error::Result;
+use crate::model::config::{HeadConfig, VitConfig};
+use crate::model::params::ParamTable;
+use crate::rng::{Purpose, Stream};
+
+/// Backbone + head: the layout of their parameters and the code that runs them.
+#[derive(Clone, Debug)]
+pub struct Network {
+    /// Backbone configuration.
+    pub vit: VitConfig,
+    /// Head configuration.
+    pub head: HeadConfig,
+    /// Where each named tensor lives in the flat buffers.
+    pub table: ParamTable,
+}
+
+/// What a block keeps for its backward pass. Rows are `n = B * T` tokens.
+#[derive(Clone, Debug, Default)]
+pub struct BlockActs {
+    x_in: Vec<f32>,
+    ln1: Vec<f32>,
+    ln1_mean: Vec<f32>,
+    ln1_rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    ln2: Vec<f32>,
+    ln2_mean: Vec<f32>,
+    ln2_rstd: Vec<f32>,
+    h: Vec<f32>,
+    a: Vec<f32>,
+    mask_attn: Vec<f32>,
+    mask_mlp: Vec<f32>,
+}
+
+/// What the backbone keeps for its backward pass, and its output.
+#[derive(Clone, Debug, Default)]
+pub struct BackboneActs {
+    /// Images in this call.
+    pub batch: usize,
+    /// Patches per side of these views.
+    pub grid: usize,
+    /// Tokens per image, `1 + grid^2`.
+    pub tokens: usize,
+    cols: Vec<f32>,
+    blocks: Vec<BlockActs>,
+    x_final: Vec<f32>,
+    norm_mean: Vec<f32>,
+    norm_rstd: Vec<f32>,
+    /// The output: `(B, T, D)` tokens after the final norm.
+    pub out: Vec<f32>,
+}
+
+/// Stochastic depth for one backbone call: the masks are drawn from
+/// `Stream(seed, [step_lo, step_hi, (call << 16) | (2 * block + branch)], DropPath)`, one
+/// uniform per image, so they are a function of the step and the call alone.
+#[derive(Clone, Copy, Debug)]
+pub struct DropPath {
+    pub seed: u64,
+    pub step: u64,
+    /// Distinguishes the backbone calls of one step (e.g. 0 = globals, 1 = locals).
+    pub call: u32,
+}
+
+/// The head's weight-normalised last layer for the current parameters:
+/// `w[k] = v[k] / ||v[k]||` (gain fixed to 1).
+#[derive(Clone, Debug, Default)]
+pub struct LastLayer {
+    w: Vec<f32>,
+    row_norms: Vec<f32>,
+}
+
+/// What the head keeps for its backward pass, and its output.
+#[derive(Clone, Debug, Default)]
+pub struct HeadActs {
+    rows: usize,
+    pre: Vec<Vec<f32>>,
+    post: Vec<Vec<f32>>,
+    z: Vec<f32>,
+    z_norms: Vec<f32>,
+    zn: Vec<f32>,
+    /// The output: `(R, K)` logits.
+    pub logits: Vec<f32>,
+}
+
+fn resize(buf: &mut Vec<f32>, n: usize) {
+    buf.clear();
+    buf.resize(n, 0.0);
+}
+
+/// Two disjoint mutable ranges of one buffer (`a` must end before `b` starts).
+fn two_mut(
+    buf: &mut [f32],
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
+) -> (&mut [f32], &mut [f32]) {
+    assert!(a.end <= b.start, "ranges overlap or are out of order");
+    let (lo, hi) = buf.split_at_mut(b.start);
+    (&mut lo[a], &mut hi[..b.len()])
+}
+
+impl Network {
+    /// The parameter layout for `vit` + `head`. Validates both.
+    pub fn new(vit: VitConfig, head: HeadConfig) -> Result<Network> {
+        vit.validate()?;
+        head.validate()?;
+        let (d, p, c) = (vit.embed_dim, vit.patch, vit.in_chans);
+        let mut t = ParamTable::new();
+        t.push("cls_token", &[1, 1, d]);
+        t.push("pos_embed", &[1, 1 + vit.ref_grid * vit.ref_grid, d]);
+        t.push("patch_embed.proj.weight", &[d, c, p, p]);
+        t.push("patch_embed.proj.bias", &[d]);
+        for i in 0..vit.depth {
+            let b = format!("blocks.{i}");
+            t.push(format!("{b}.norm1.weight"), &[d]);
+            t.push(format!("{b}.norm1.bias"), &[d]);
+            t.push(format!("{b}.attn.qkv.weight"), &[3 * d, d]);
+            t.push(format!("{b}.attn.qkv.bias"), &[3 * d]);
+            t.push(format!("{b}.attn.proj.weight"), &[d, d]);
+            t.push(format!("{b}.attn.proj.bias"), &[d]);
+            t.push(format!("{b}.norm2.weight"), &[d]);
+            t.push(format!("{b}.norm2.bias"), &[d]);
+            t.push(format!("{b}.mlp.fc1.weight"), &[vit.mlp_dim(), d]);
+            t.push(format!("{b}.mlp.fc1.bias"), &[vit.mlp_dim()]);
+            t.push(format!("{b}.mlp.fc2.weight"), &[d, vit.mlp_dim()]);
+            t.push(format!("{b}.mlp.fc2.bias"), &[d]);
+        }
+        t.push("norm.weight", &[d]);
+        t.push("norm.bias", &[d]);
+        for (i, (d_in, d_out)) in head_dims(&vit, &head).into_iter().enumerate() {
+            t.push(format!("head.mlp.{}.weight", 2 * i), &[d_out, d_in]);
+            t.push(format!("head.mlp.{}.bias", 2 * i), &[d_out]);
+        }
+        t.push("head.last_layer.weight_v", &[head.out_dim, head.bottleneck]);
+        Ok(Network {
+            vit,
+            head,
+            table: t,
+        })
+    }
+
+    /// Fresh parameters as DINO initialises them: Linear weights, `cls_token` and
+    /// `pos_embed` truncated normal (std 0.02, cut at +-2 as timm's `trunc_normal_`),
+    /// Linear biases 0, LayerNorm weight 1 and bias 0; the patch-embedding convolution and
+    /// the last layer keep PyTorch's default (uniform +-1/sqrt(fan_in)), since DINO's
+    /// `_init_weights` does not touch them. Every tensor draws from its own stream.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut buf = vec![0.0f32; self.table.total()];
+        for (ti, info) in self.table.tensors().iter().enumerate() {
+            let mut rng = Stream::new(seed, [ti as u32, 0, 0], Purpose::Init);
+            let dst = &mut buf[info.range()];
+            let name = info.name.as_str();
+            if name.ends_with("norm1.weight")
+                || name.ends_with("norm2.weight")
+                || name == "norm.weight"
+            {
+                dst.fill(1.0);
+            } else if name == "patch_embed.proj.weight"
+                || name == "patch_embed.proj.bias"
+                || name.ends_with("weight_v")
+            {
+                let fan_in = if name.ends_with("weight_v") {
+                    self.head.bottleneck
+                } else {
+                    self.vit.in_chans * self.vit.patch * self.vit.patch
+                };
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                dst.iter_mut().for_each(|x| *x = rng.uniform(-bound, bound));
+            } else if name.ends_with(".weight") || name == "cls_token" || name == "pos_embed" {
+                dst.iter_mut().for_each(|x| {
+                    *x = loop {
+                        let z = 0.02 * rng.normal();
+                        if (-2.0..=2.0).contains(&z) {
+                            break z;
+                        }
+                    }
+                });
+            }
+            // Biases stay 0.
+        }
+        buf
+    }
+
+    fn r(&self, name: &str) -> std::ops::Range<usize> {
+        self.table.info(name).range()
+    }
+
+    fn wb<'a>(&self, params: &'a [f32], prefix: &str) -> (&'a [f32], &'a [f32]) {
+        (
+            &params[self.r(&format!("{prefix}.weight"))],
+            &params[self.r(&format!("{prefix}.bias"))],
+        )
+    }
+
+    fn wb_mut<'a>(&self, grads: &'a mut [f32], prefix: &str) -> (&'a mut [f32], &'a mut [f32]) {
+        two_mut(
+            grads,
+            self.r(&format!("{prefix}.weight")),
+            self.r(&format!("{prefix}.bias")),
+        )
+    }
+
+    /// Stochastic-depth rate of block `i` (linear from 0 to `drop_path`, as DINO).
+    pub fn drop_rate(&self, i: usize) -> f32 {
+        if self.vit.depth <= 1 {
+            return self.vit.drop_path;
+        }
+        self.vit.drop_path * i as f32 / (self.vit.depth - 1) as f32
+    }
+
+    /// Backbone forward on `images` `(B, C, S, S)` (S = `side`); the output tokens are in
+    /// `acts.out` `(B, T, D)`. With `drop`, stochastic depth is on (the student).
+    pub fn backbone_forward(
+        &self,
+        params: &[f32],
+        images: &[f32],
+        batch: usize,
+        side: usize,
+        drop: Option<DropPath>,
+        acts: &mut BackboneActs,
+    ) {
+        let v = &self.vit;
+        let (d, p, c) = (v.embed_dim, v.patch, v.in_chans);
+        let g = side / p;
+        let t = 1 + g * g;
+        let n = batch * t;
+        (acts.batch, acts.grid, acts.tokens) = (batch, g, t);
+
+        // Patch embedding: im2col, then a GEMM with the conv weight as (D, C*p*p).
+        resize(&mut acts.cols, batch * g * g * c * p * p);
+        im2col(&mut acts.cols, images, batch, c, side, p);
+        let mut patches = vec![0.0; batch * g * g * d];
+        let (w, b) = self.wb(params, "patch_embed.proj");
+        linear_forward(
+            &mut patches,
+            &acts.cols,
+            w,
+            Some(b),
+            batch * g * g,
+            c * p * p,
+            d,
+        );
+        let mut pos_view = vec![0.0; t * d];
+        pos_embed_forward(
+            &mut pos_view,
+            &params[self.r("pos_embed")],
+            g,
+            v.ref_grid,
+            d,
+        );
+        let mut x = vec![0.0; n * d];
+        add_cls_and_pos(
+            &mut x,
+            &patches,
+            &params[self.r("cls_token")],
+            &pos_view,
+            batch,
+            g,
+            d,
+        );
+
+        acts.blocks.resize_with(v.depth, BlockActs::default);
+        for (i, ba) in acts.blocks.iter_mut().enumerate() {
+            let pre = format!("blocks.{i}");
+            let masks = drop.filter(|_| self.drop_rate(i) > 0.0).map(|dp| {
+                let rate = self.drop_rate(i);
+                let draw = |branch: u32| {
+                    let ctr = [
+                        dp.step as u32,
+                        (dp.step >> 32) as u32,
+                        (dp.call << 16) | (2 * i as u32 + branch),
+                    ];
+                    let mut rng = Stream::new(dp.seed, ctr, Purpose::DropPath);
+                    (0..batch)
+                        .map(|_| {
+                            if rng.next_f32() < rate {
+                                0.0
+                            } else {
+                                1.0 / (1.0 - rate)
+                            }
+                        })
+                        .collect::<Vec<f32>>()
+                };
+                (draw(0), draw(1))
+            });
+            let (m_attn, m_mlp) = masks.unwrap_or_else(|| (vec![1.0; batch], vec![1.0; batch]));
+            ba.x_in = x;
+            resize(&mut ba.ln1, n * d);
+            resize(&mut ba.ln1_mean, n);
+            resize(&mut ba.ln1_rstd, n);
+            let (w, b) = self.wb(params, &format!("{pre}.norm1"));
+            layernorm_forward(
+                &mut ba.ln1,
+                &mut ba.ln1_mean,
+                &mut ba.ln1_rstd,
+                &ba.x_in,
+                w,
+                b,
+                n,
+                d,
+            );
+            resize(&mut ba.qkv, n * 3 * d);
+            let (w, b) = self.wb(params, &format!("{pre}.attn.qkv"));
+            linear_forward(&mut ba.qkv, &ba.ln1, w, Some(b), n, d, 3 * d);
+            resize(&mut ba.probs, batch * v.heads * t * t);
+            resize(&mut ba.att, n * d);
+            attention_forward(&mut ba.att, &mut ba.probs, &ba.qkv, batch, t, d, v.heads);
+            let mut branch = vec![0.0; n * d];
+            let (w, b) = self.wb(params, &format!("{pre}.attn.proj"));
+            linear_forward(&mut branch, &ba.att, w, Some(b), n, d, d);
+            ba.x_mid = ba.x_in.clone();
+            add_masked(&mut ba.x_mid, &branch, &m_attn, t * d);
+
+            resize(&mut ba.ln2, n * d);
+            resize(&mut ba.ln2_mean, n);
+            resize(&mut ba.ln2_rstd, n);
+            let (w, b) = self.wb(params, &format!("{pre}.norm2"));
+            layernorm_forward(
+                &mut ba.ln2,
+                &mut ba.ln2_mean,
+                &mut ba.ln2_rstd,
+                &ba.x_mid,
+                w,
+                b,
+                n,
+                d,
+            );
+            let hdim = v.mlp_dim();
+            resize(&mut ba.h, n * hdim);
+            let (w, b) = self.wb(params, &format!("{pre}.mlp.fc1"));
+            linear_forward(&mut ba.h, &ba.ln2, w, Some(b), n, d, hdim);
+            resize(&mut ba.a, n * hdim);
+            gelu_forward(&mut ba.a, &ba.h);
+            let (w, b) = self.wb(params, &format!("{pre}.mlp.fc2"));
+            linear_forward(&mut branch, &ba.a, w, Some(b), n, hdim, d);
+            x = ba.x_mid.clone();
+            add_masked(&mut x, &branch, &m_mlp, t * d);
+            (ba.mask_attn, ba.mask_mlp) = (m_attn, m_mlp);
+        }
+        acts.x_final = x;
+        resize(&mut acts.out, n * d);
+        resize(&mut acts.norm_mean, n);
+        resize(&mut acts.norm_rstd, n);
+        let (w, b) = self.wb(params, "norm");
+        layernorm_forward(
+            &mut acts.out,
+            &mut acts.norm_mean,
+            &mut acts.norm_rstd,
+            &acts.x_final,
+            w,
+            b,
+            n,
+            d,
+        );
+    }
+
+    /// Backbone backward: accumulates parameter gradients into `grads` given `dout`
+    /// `(B, T, D)`, the gradient w.r.t. `acts.out`.
+    pub fn backbone_backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &BackboneActs,
+        dout: &[f32],
+    ) {
+        let v = &self.vit;
+        let (d, p, c) = (v.embed_dim, v.patch, v.in_chans);
+        let (batch, g, t) = (acts.batch, acts.grid, acts.tokens);
+        let n = batch * t;
+        let hdim = v.mlp_dim();
+
+        let mut dx = vec![0.0; n * d];
+        {
+            let w = &params[self.r("norm.weight")];
+            let (dw, db) = self.wb_mut(grads, "norm");
+            layernorm_backward(
+                &mut dx,
+                dw,
+                db,
+                dout,
+                &acts.x_final,
+                &acts.norm_mean,
+                &acts.norm_rstd,
+                w,
+                n,
+                d,
+            );
+        }
+        let mut dbranch = vec![0.0; n * d];
+        let mut da = vec![0.0; n * hdim];
+        let mut dh = vec![0.0; n * hdim];
+        let mut dln = vec![0.0; n * d];
+        let mut datt = vec![0.0; n * d];
+        let mut dqkv = vec![0.0; n * 3 * d];
+        for i in (0..v.depth).rev() {
+            let ba = &acts.blocks[i];
+            let pre = format!("blocks.{i}");
+            // x_out = x_mid + m_mlp * fc2(gelu(fc1(ln2(x_mid)))); dx holds d x_out.
+            scale_masked(&mut dbranch, &dx, &ba.mask_mlp, t * d);
+            da.fill(0.0);
+            {
+                let w = &params[self.r(&format!("{pre}.mlp.fc2.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc2"));
+                linear_backward(Some(&mut da), dw, Some(db), &dbranch, &ba.a, w, n, hdim, d);
+            }
+            dh.fill(0.0);
+            gelu_backward(&mut dh, &da, &ba.h);
+            dln.fill(0.0);
+            {
+                let w = &params[self.r(&format!("{pre}.mlp.fc1.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc1"));
+                linear_backward(Some(&mut dln), dw, Some(db), &dh, &ba.ln2, w, n, d, hdim);
+            }
+            {
+                // dx becomes d x_mid: the residual path plus the norm's input gradient.
+                let w = &params[self.r(&format!("{pre}.norm2.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.norm2"));
+                layernorm_backward(
+                    &mut dx,
+                    dw,
+                    db,
+                    &dln,
+                    &ba.x_mid,
+                    &ba.ln2_mean,
+                    &ba.ln2_rstd,
+                    w,
+                    n,
+                    d,
+                );
+            }
+            // x_mid = x_in + m_attn * proj(attention(qkv(ln1(x_in)))).
+            scale_masked(&mut dbranch, &dx, &ba.mask_attn, t * d);
+            datt.fill(0.0);
+            {
+                let w = &params[self.r(&format!("{pre}.attn.proj.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.proj"));
+                linear_backward(Some(&mut datt), dw, Some(db), &dbranch, &ba.att, w, n, d, d);
+            }
+            dqkv.fill(0.0);
+            attention_backward(&mut dqkv, &datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
+            dln.fill(0.0);
+            {
+                let w = &params[self.r(&format!("{pre}.attn.qkv.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.qkv"));
+                linear_backward(Some(&mut dln), dw, Some(db), &dqkv, &ba.ln1, w, n, d, 3 * d);
+            }
+            {
+                let w = &params[self.r(&format!("{pre}.norm1.weight"))];
+                let (dw, db) = self.wb_mut(grads, &format!("{pre}.norm1"));
+                layernorm_backward(
+                    &mut dx,
+                    dw,
+                    db,
+                    &dln,
+                    &ba.x_in,
+                    &ba.ln1_mean,
+                    &ba.ln1_rstd,
+                    w,
+                    n,
+                    d,
+                );
+            }
+        }
+        // Tokens = [cls; patches] + pos_view.
+        let mut dpatches = vec![0.0; batch * g * g * d];
+        let mut dpos_view = vec![0.0; t * d];
+        {
+            let (dcls_r, dpos_r) = (self.r("cls_token"), self.r("pos_embed"));
+            let dcls = &mut grads[dcls_r];
+            add_cls_and_pos_backward(&mut dpatches, dcls, &mut dpos_view, &dx, batch, g, d);
+            pos_embed_backward(&mut grads[dpos_r], &dpos_view, g, v.ref_grid, d);
+        }
+        let w = &params[self.r("patch_embed.proj.weight")];
+        let (dw, db) = self.wb_mut(grads, "patch_embed.proj");
+        linear_backward(
+            None,
+            dw,
+            Some(db),
+            &dpatches,
+            &acts.cols,
+            w,
+            batch * g * g,
+            c * p * p,
+            d,
+        );
+    }
+
+    /// The last layer's weight-normalised matrix for `params` (compute once per step and
+    /// per network).
+    pub fn last_layer(&self, params: &[f32]) -> LastLayer {
+        let (k, db) = (self.head.out_dim, self.head.bottleneck);
+        let mut l = LastLayer {
+            w: vec![0.0; k * db],
+            row_norms: vec![0.0; k],
+        };
+        weight_norm_forward(
+            &mut l.w,
+            &mut l.row_norms,
+            &params[self.r("head.last_layer.weight_v")],
+            k,
+            db,
+        );
+        l
+    }
+
+    /// Head forward on `rows` token vectors `x` `(R, D)`; logits in `acts.logits` `(R, K)`.
+    pub fn head_forward(
+        &self,
+        params: &[f32],
+        last: &LastLayer,
+        x: &[f32],
+        rows: usize,
+        acts: &mut HeadActs,
+    ) {
+        let dims = head_dims(&self.vit, &self.head);
+        acts.rows = rows;
+        acts.pre.resize_with(dims.len(), Vec::new);
+        acts.post.resize_with(dims.len() - 1, Vec::new);
+        for (i, &(d_in, d_out)) in dims.iter().enumerate() {
+            let (w, b) = self.wb(params, &format!("head.mlp.{}", 2 * i));
+            let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
+            let mut pre = std::mem::take(&mut acts.pre[i]);
+            resize(&mut pre, rows * d_out);
+            linear_forward(&mut pre, input, w, Some(b), rows, d_in, d_out);
+            if i + 1 < dims.len() {
+                resize(&mut acts.post[i], rows * d_out);
+                gelu_forward(&mut acts.post[i], &pre);
+            }
+            acts.pre[i] = pre;
+        }
+        let db = self.head.bottleneck;
+        acts.z = acts.pre[dims.len() - 1].clone();
+        resize(&mut acts.zn, rows * db);
+        resize(&mut acts.z_norms, rows);
+        l2norm_forward(&mut acts.zn, &mut acts.z_norms, &acts.z, rows, db);
+        resize(&mut acts.logits, rows * self.head.out_dim);
+        linear_forward(
+            &mut acts.logits,
+            &acts.zn,
+            &last.w,
+            None,
+            rows,
+            db,
+            self.head.out_dim,
+        );
+    }
+
+    /// Head backward: accumulates parameter gradients into `grads` and the input gradient
+    /// into `dx` `(R, D)` given `dlogits` `(R, K)`.
+    pub fn head_backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        last: &LastLayer,
+        acts: &HeadActs,
+        x: &[f32],
+        dlogits: &[f32],
+        dx: &mut [f32],
+    ) {
+        let dims = head_dims(&self.vit, &self.head);
+        let (rows, db, k) = (acts.rows, self.head.bottleneck, self.head.out_dim);
+        let mut dzn = vec![0.0; rows * db];
+        let mut dw_last = vec![0.0; k * db];
+        linear_backward(
+            Some(&mut dzn),
+            &mut dw_last,
+            None,
+            dlogits,
+            &acts.zn,
+            &last.w,
+            rows,
+            db,
+            k,
+        );
+        let v_range = self.r("head.last_layer.weight_v");
+        let v = &params[v_range.clone()];
+        weight_norm_backward(&mut grads[v_range], &dw_last, v, &last.row_norms, k, db);
+        let mut dcur = vec![0.0; rows * db];
+        l2norm_backward(&mut dcur, &dzn, &acts.z, &acts.z_norms, rows, db);
+        for (i, &(d_in, d_out)) in dims.iter().enumerate().rev() {
+            if i + 1 < dims.len() {
+                // dcur is d post[i]; through the GELU to d pre[i].
+                let mut dpre = vec![0.0; rows * d_out];
+                gelu_backward(&mut dpre, &dcur, &acts.pre[i]);
+                dcur = dpre;
+            }
+            let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
+            let w = &params[self.r(&format!("head.mlp.{}.weight", 2 * i))];
+            let (dw, dbias) = self.wb_mut(grads, &format!("head.mlp.{}", 2 * i));
+            if i == 0 {
+                linear_backward(
+                    Some(&mut *dx),
+                    dw,
+                    Some(dbias),
+                    &dcur,
+                    input,
+                    w,
+                    rows,
+                    d_in,
+                    d_out,
+                );
+            } else {
+                let mut dinput = vec![0.0; rows * d_in];
+                linear_backward(
+                    Some(&mut dinput),
+                    dw,
+                    Some(dbias),
+                    &dcur,
+                    input,
+                    w,
+                    rows,
+                    d_in,
+                    d_out,
+                );
+                dcur = dinput;
+            }
+        }
+    }
+}
+
+/// `(d_in, d_out)` of each head Linear before the L2 normalisation.
+fn head_dims(vit: &VitConfig, head: &HeadConfig) -> Vec<(usize, usize)> {
+    let d = vit.embed_dim;
+    if head.layers == 1 {
+        return vec![(d, head.bottleneck)];
+    }
+    let mut dims = vec![(d, head.hidden)];
+    dims.extend(std::iter::repeat((head.hidden, head.hidden)).take(head.layers - 2));
+    dims.push((head.hidden, head.bottleneck));
+    dims
+}
+
+/// `x[b] += mask[b] * branch[b]` per image (`per` elements each).
+fn add_masked(x: &mut [f32], branch: &[f32], mask: &[f32], per: usize) {
+    x.par_chunks_mut(per)
+        .zip(branch.par_chunks(per))
+        .zip(mask.par_iter())
+        .for_each(|((x, br), &m)| {
+            x.iter_mut().zip(br).for_each(|(x, &b)| *x += m * b);
+        });
+}
+
+/// `out[b] = mask[b] * dy[b]` per image.
+fn scale_masked(out: &mut [f32], dy: &[f32], mask: &[f32], per: usize) {
+    out.par_chunks_mut(per)
+        .zip(dy.par_chunks(per))
+        .zip(mask.par_iter())
+        .for_each(|((o, dy), &m)| {
+            o.iter_mut().zip(dy).for_each(|(o, &g)| *o = m * g);
+        });
+}
