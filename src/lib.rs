@@ -9,14 +9,16 @@
 //!   photometric augmentation, patch matching, and the prefetching view loader;
 //! - [`rng`]: the counter-based random numbers every draw comes from.
 
-pub mod data;
+pub mod checkpoint;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod train;
 pub mod views;
 pub mod viz;
 

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use pwself_engine::data::prepare::PrepareArgs;
-use pwself_engine::views::args::ViewArgs;
+use pwself_engine::loss::LossKind;
+use pwself_engine::model::config::Arch;
+use pwself_engine::train::{fmt_knn, RunOptions, TrainConfig};
+use pwself_engine::views::args::{Switch, ViewArgs};
 use pwself_engine::views::batch::{LoaderPlan, ViewBuilder, ViewLoader};
 use pwself_engine::views::config::parse_pair;
 use pwself_engine::views::crop::{parse_crop_arg, CropRecord};
@@ -35,6 +38,9 @@ enum Command {
     /// Build view batches from a pack through the prefetching loader and report views/s
     /// and matched-token statistics (a dry run of the training input pipeline).
     Views(ViewsArgs),
+    /// Train PW-Self (or DINO) on the CPU; with no arguments, the default job on the
+    /// embedded Fashion-MNIST subset.
+    Train(Box<TrainArgs>),
     /// Print the matched token indices of two crop boxes.
     Match(MatchArgs),
     /// Draw pictures.
@@ -58,6 +64,84 @@ struct ViewsArgs {
     /// Print a JSON summary on stdout instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML configuration file (every key optional; flags below override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Loss: dino (CLS only), pwml (mean over matched tokens), pwsl (sum), pwll (lambda mix).
+    #[arg(long, value_enum)]
+    loss: Option<LossFlag>,
+    /// PWLL's weight of the CLS term, in [0, 1].
+    #[arg(long)]
+    lambda: Option<f32>,
+    /// Photometric augmentation per patch (on, the paper) or per view (off, DINO).
+    #[arg(long, value_enum)]
+    patch_aug: Option<Switch>,
+    /// Training pack (default: the embedded Fashion-MNIST subset).
+    #[arg(long, value_name = "PACK")]
+    data: Option<PathBuf>,
+    /// Pack for the kNN evaluation (default: the embedded test split with the embedded data).
+    #[arg(long, value_name = "PACK")]
+    test_data: Option<PathBuf>,
+    /// Backbone size.
+    #[arg(long, value_enum)]
+    arch: Option<Arch>,
+    /// Patch size in pixels.
+    #[arg(long)]
+    patch: Option<usize>,
+    /// Sides of the global and local views, e.g. 28,12.
+    #[arg(long, value_name = "G,L")]
+    view_sides: Option<String>,
+    /// Number of global views per image.
+    #[arg(long)]
+    global_views: Option<usize>,
+    /// Number of local views per image.
+    #[arg(long)]
+    local_views: Option<usize>,
+    /// Head output dimension K.
+    #[arg(long)]
+    out_dim: Option<usize>,
+    /// Epochs the schedules span.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Stop after this many steps (the schedules still span --epochs).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Base learning rate for batch 256 (scaled by batch/256).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed of every random draw.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// kNN evaluation every N epochs (0: only at the end).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Output directory: metrics.jsonl, checkpoint.safetensors, curves.png, config.toml.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Continue from a checkpoint file or run directory.
+    #[arg(long, value_name = "PATH")]
+    resume: Option<PathBuf>,
+    /// Print a JSON summary on stdout at the end (no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossFlag {
+    Dino,
+    Pwml,
+    Pwsl,
+    Pwll,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +202,7 @@ fn main() {
     let result = match cli.command {
         Command::Prepare(args) => pwself_engine::data::prepare::run(&args),
         Command::Views(args) => views(&args),
+        Command::Train(args) => train(&args),
         Command::Match(args) => match_cmd(&args),
         Command::Viz(VizCommand::Matches(args)) => viz_matches(&args),
     };
@@ -127,16 +212,138 @@ fn main() {
     }
 }
 
-fn views(args: &ViewsArgs) -> Result<()> {
-    if let Some(t) = args.threads {
+/// Sizes the rayon pool and matrixmultiply's GEMM threads (read once, at the first GEMM).
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
         if t == 0 {
             bail!("--threads: must be at least 1");
         }
+        std::env::set_var("MATMUL_NUM_THREADS", t.min(4).to_string());
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global()
             .context("--threads: cannot start the thread pool")?;
     }
+    Ok(())
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => TrainConfig::from_toml_file(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(l) = args.loss {
+        cfg.loss.kind = match l {
+            LossFlag::Dino => LossKind::Dino,
+            LossFlag::Pwml => LossKind::Pwml,
+            LossFlag::Pwsl => LossKind::Pwsl,
+            LossFlag::Pwll => LossKind::Pwll {
+                lambda: args.lambda.unwrap_or(0.5),
+            },
+        };
+    }
+    match (args.lambda, cfg.loss.kind) {
+        (Some(lambda), LossKind::Pwll { .. }) => cfg.loss.kind = LossKind::Pwll { lambda },
+        (Some(_), _) => bail!("--lambda: only PWLL has a lambda; add --loss pwll"),
+        _ => {}
+    }
+    if let Some(s) = args.patch_aug {
+        cfg.views.patch_aug = Some(s == Switch::On);
+    }
+    if args.data.is_some() {
+        cfg.data.train.clone_from(&args.data);
+    }
+    if args.test_data.is_some() {
+        cfg.data.test.clone_from(&args.test_data);
+    }
+    if let Some(a) = args.arch {
+        cfg.model.arch = a;
+    }
+    if args.patch.is_some() {
+        cfg.model.patch = args.patch;
+    }
+    if let Some(s) = &args.view_sides {
+        let (g, l) = parse_pair::<usize>(s, "--view-sides")?;
+        (cfg.views.global_side, cfg.views.local_side) = (Some(g), Some(l));
+    }
+    if args.global_views.is_some() {
+        cfg.views.global_views = args.global_views;
+    }
+    if args.local_views.is_some() {
+        cfg.views.local_views = args.local_views;
+    }
+    if let Some(k) = args.out_dim {
+        cfg.head.out_dim = k;
+    }
+    if let Some(e) = args.epochs {
+        cfg.run.epochs = e;
+    }
+    if args.max_steps.is_some() {
+        cfg.run.max_steps = args.max_steps;
+    }
+    if let Some(b) = args.batch {
+        cfg.run.batch = b;
+    }
+    if let Some(lr) = args.lr {
+        cfg.optim.lr = lr;
+    }
+    if let Some(s) = args.seed {
+        cfg.run.seed = s;
+    }
+    if args.threads.is_some() {
+        cfg.run.threads = args.threads;
+    }
+    if let Some(e) = args.eval_every {
+        cfg.run.eval_every = e;
+    }
+    if let Some(o) = &args.out {
+        cfg.run.out.clone_from(o);
+    }
+    set_threads(cfg.run.threads)?;
+    let opts = RunOptions {
+        resume: args.resume.clone(),
+        quiet: args.json,
+        no_eval: false,
+    };
+    let s = pwself_engine::train::run(&cfg, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    println!(
+        "trained {} steps ({:.2} epochs) in {:.1} s, {:.1} img/s; loss {:.4} -> {:.4}{}",
+        s.steps,
+        s.epochs_done,
+        s.seconds,
+        s.images_per_second,
+        s.first_loss.unwrap_or(f32::NAN),
+        s.last_loss.unwrap_or(f32::NAN),
+        if s.skipped_steps > 0 {
+            format!(" ({} steps skipped: non-finite)", s.skipped_steps)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(k) = &s.knn_trained {
+        println!("kNN top-1, trained teacher:        {}", fmt_knn(k));
+    }
+    if let Some(k) = &s.knn_init {
+        println!("kNN top-1, same network at init:   {}", fmt_knn(k));
+    }
+    if let Some(k) = &s.knn_raw_pixels {
+        println!("kNN top-1, raw pixels (baseline):  {}", fmt_knn(k));
+    }
+    println!(
+        "wrote {} (checkpoint), {}, {}",
+        s.checkpoint.display(),
+        s.out.join("metrics.jsonl").display(),
+        s.out.join("curves.png").display()
+    );
+    Ok(())
+}
+
+fn views(args: &ViewsArgs) -> Result<()> {
+    set_threads(args.threads)?;
     let pack = Arc::new(args.views.open_pack()?);
     let cfg = args.views.config(pack.height(), pack.width())?;
     let builder = ViewBuilder::new(cfg.clone(), args.views.seed, &pack)?;

@@ -245,6 +245,208 @@ fn hue_colour(t: f32) -> Rgb<u8> {
     Rgb([u(r), u(g), u(b)])
 }
 
+/// A 3x5 pixel font: digits, capitals and a few signs, one `u16` of 15 bits per glyph
+/// (rows top to bottom, 3 bits each, most significant first).
+fn glyph(c: char) -> u16 {
+    let rows: [u8; 5] = match c.to_ascii_uppercase() {
+        'A' => [2, 5, 7, 5, 5],
+        'B' => [6, 5, 6, 5, 6],
+        'C' => [3, 4, 4, 4, 3],
+        'D' => [6, 5, 5, 5, 6],
+        'E' => [7, 4, 6, 4, 7],
+        'F' => [7, 4, 6, 4, 4],
+        'G' => [3, 4, 5, 5, 3],
+        'H' => [5, 5, 7, 5, 5],
+        'I' => [7, 2, 2, 2, 7],
+        'J' => [1, 1, 1, 5, 2],
+        'K' => [5, 5, 6, 5, 5],
+        'L' => [4, 4, 4, 4, 7],
+        'M' => [5, 7, 7, 5, 5],
+        'N' => [6, 5, 5, 5, 5],
+        'O' => [2, 5, 5, 5, 2],
+        'P' => [6, 5, 6, 4, 4],
+        'Q' => [2, 5, 5, 6, 3],
+        'R' => [6, 5, 6, 5, 5],
+        'S' => [3, 4, 2, 1, 6],
+        'T' => [7, 2, 2, 2, 2],
+        'U' => [5, 5, 5, 5, 7],
+        'V' => [5, 5, 5, 5, 2],
+        'W' => [5, 5, 7, 7, 5],
+        'X' => [5, 5, 2, 5, 5],
+        'Y' => [5, 5, 2, 2, 2],
+        'Z' => [7, 1, 2, 4, 7],
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [6, 1, 2, 4, 7],
+        '3' => [6, 1, 2, 1, 6],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 6, 1, 6],
+        '6' => [3, 4, 7, 5, 7],
+        '7' => [7, 1, 2, 2, 2],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 6],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        '%' => [5, 1, 2, 4, 5],
+        ':' => [0, 2, 0, 2, 0],
+        '=' => [0, 7, 0, 7, 0],
+        '(' => [1, 2, 2, 2, 1],
+        ')' => [4, 2, 2, 2, 4],
+        '/' => [1, 1, 2, 4, 4],
+        _ => [0; 5],
+    };
+    rows.iter().fold(0u16, |acc, &r| (acc << 3) | u16::from(r))
+}
+
+/// Writes `text` with its top-left corner at (x, y), each font pixel `scale` wide.
+pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: i64, colour: Rgb<u8>) {
+    for (i, ch) in text.chars().enumerate() {
+        let bits = glyph(ch);
+        for row in 0..5i64 {
+            for col in 0..3i64 {
+                if bits >> (14 - (row * 3 + col)) & 1 == 1 {
+                    let (px, py) = (x + (i as i64 * 4 + col) * scale, y + row * scale);
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            put(img, px + dx, py + dy, colour);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One line of a plot: a label, a colour and its points.
+pub struct Series<'a> {
+    pub label: &'a str,
+    pub colour: Rgb<u8>,
+    pub points: &'a [(f64, f64)],
+}
+
+/// Where a plot goes and what it is called.
+pub struct Panel<'a> {
+    pub x0: u32,
+    pub y0: u32,
+    pub w: u32,
+    pub h: u32,
+    pub title: &'a str,
+    pub x_label: &'a str,
+}
+
+/// A line plot in `panel` of `img`: frame, title, the y range and the x range as
+/// numbers, a legend, and each series as a polyline.
+pub fn plot_panel(img: &mut RgbImage, panel: &Panel, series: &[Series]) {
+    let &Panel {
+        x0,
+        y0,
+        w,
+        h,
+        title,
+        x_label,
+    } = panel;
+    let white = Rgb([230, 230, 235]);
+    let pts = series.iter().flat_map(|s| s.points.iter());
+    let (mut xmin, mut xmax, mut ymin, mut ymax) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts.filter(|p| p.0.is_finite() && p.1.is_finite()) {
+        (xmin, xmax, ymin, ymax) = (xmin.min(x), xmax.max(x), ymin.min(y), ymax.max(y));
+    }
+    if xmin > xmax {
+        (xmin, xmax, ymin, ymax) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if (ymax - ymin).abs() < 1e-12 {
+        (ymin, ymax) = (ymin - 0.5, ymax + 0.5);
+    }
+    if (xmax - xmin).abs() < 1e-12 {
+        xmax = xmin + 1.0;
+    }
+    let (px0, py0, pw, ph) = (x0 + 60, y0 + 30, w - 80, h - 70);
+    rect_outline(img, px0, py0, pw, ph, GRID, false);
+    draw_text(img, i64::from(px0), i64::from(y0 + 8), title, 3, white);
+    draw_text(
+        img,
+        i64::from(x0 + 4),
+        i64::from(py0),
+        &format!("{ymax:.3}"),
+        2,
+        white,
+    );
+    draw_text(
+        img,
+        i64::from(x0 + 4),
+        i64::from(py0 + ph - 10),
+        &format!("{ymin:.3}"),
+        2,
+        white,
+    );
+    draw_text(
+        img,
+        i64::from(px0),
+        i64::from(py0 + ph + 6),
+        &format!("{xmin:.0}"),
+        2,
+        white,
+    );
+    let right = format!("{xmax:.0}");
+    draw_text(
+        img,
+        i64::from(px0 + pw) - 8 * right.len() as i64,
+        i64::from(py0 + ph + 6),
+        &right,
+        2,
+        white,
+    );
+    draw_text(
+        img,
+        i64::from(px0 + pw / 2 - 20),
+        i64::from(py0 + ph + 22),
+        x_label,
+        2,
+        white,
+    );
+    let to_px = |x: f64, y: f64| {
+        (
+            i64::from(px0) + ((x - xmin) / (xmax - xmin) * f64::from(pw - 1)).round() as i64,
+            i64::from(py0 + ph - 1)
+                - ((y - ymin) / (ymax - ymin) * f64::from(ph - 1)).round() as i64,
+        )
+    };
+    for (si, s) in series.iter().enumerate() {
+        let mut prev = None;
+        for &(x, y) in s
+            .points
+            .iter()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+        {
+            let p = to_px(x, y);
+            if let Some((a, b)) = prev {
+                line(img, a, b, p.0, p.1, s.colour);
+            }
+            if s.points.len() < 40 {
+                dot(img, p.0, p.1, s.colour);
+            }
+            prev = Some(p);
+        }
+        let ly = i64::from(py0) + 8 + 14 * si as i64;
+        let lx = i64::from(px0 + pw) - 12 * 8 - 30;
+        line(img, lx, ly + 4, lx + 16, ly + 4, s.colour);
+        draw_text(img, lx + 22, ly, s.label, 2, s.colour);
+    }
+}
+
+/// A canvas for `panels` plots side by side, each `w x h`.
+pub fn plot_canvas(panels: u32, w: u32, h: u32) -> RgbImage {
+    RgbImage::from_pixel(panels * w, h, BACKGROUND)
+}
+
+/// Colours for series.
+pub const SERIES: [Rgb<u8>; 4] = [
+    Rgb([255, 200, 40]),
+    Rgb([60, 200, 255]),
+    Rgb([240, 90, 120]),
+    Rgb([140, 230, 120]),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

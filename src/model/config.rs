@@ -26,9 +26,11 @@ pub struct VitConfig {
     pub drop_path: f32,
 }
 
-/// The DINO projection head, applied to every token that enters the loss.
+/// The DINO projection head, applied to every token that enters the loss. The default is
+/// the small head of the default job (3 layers, 256 hidden, 64 bottleneck, K = 1024);
+/// [`HeadConfig::dino`] gives DINO's sizes.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HeadConfig {
     /// Number of Linear layers before the L2 normalisation (DINO: 3).
     pub layers: usize,
@@ -79,6 +81,17 @@ impl Arch {
             mlp_ratio: 4,
             ref_grid: global_side / patch.max(1),
             drop_path: 0.1,
+        }
+    }
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        HeadConfig {
+            layers: 3,
+            hidden: 256,
+            bottleneck: 64,
+            out_dim: 1024,
         }
     }
 }

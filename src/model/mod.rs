@@ -2,4 +2,4 @@
 //! its named-tensor table, initialisation, and the forward/backward composition.
 pub mod config;
 pub mod params;
-// pub mod vit; (enabled once the cpu kernels land)
+pub mod vit;

@@ -574,6 +574,7 @@ impl Network {
 
     /// Head backward: accumulates parameter gradients into `grads` and the input gradient
     /// into `dx` `(R, D)` given `dlogits` `(R, K)`.
+    #[allow(clippy::too_many_arguments)] // one buffer per operand, as every backward here
     pub fn head_backward(
         &self,
         params: &[f32],

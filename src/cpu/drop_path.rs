@@ -1,0 +1,123 @@
+//! Stochastic depth per sample (timm's `drop_path`): a residual branch is dropped for a
+//! whole sample with probability `p` and kept samples are scaled by `1 / (1 - p)`, so the
+//! expectation is unchanged.
+//!
+//! The mask is a per-sample vector of `0` or `1 / (1 - p)` drawn by [`drop_path_mask`]. The
+//! ViT block uses it fused into the residual add ([`residual_add_scaled`]:
+//! `x += mask[b] * branch`), which saves a pass and a buffer; [`drop_path_forward`] and
+//! [`drop_path_backward`] apply it on its own for any other use. With drop path off
+//! (teacher, evaluation, `p = 0`) the mask is all ones and every function here is exact
+//! (multiplying by 1 is exact in f32).
+
+use rayon::prelude::*;
+
+use crate::rng::{Purpose, Stream};
+
+/// Set this bit in `ctr[2]` of a drop-path stream. Drop-path masks draw from
+/// `Purpose::Noise` streams (the enum has no drop-path purpose and must not grow for it);
+/// the view pipeline's noise streams use `ctr[2] = (view << 20) | region < 2^24`, so
+/// counters with the top bit set can never collide with them under the same seed.
+pub const DROP_PATH_TAG: u32 = 0x8000_0000;
+
+/// Fills `mask` with one value per sample: `1 / (1 - p)` (kept) or `0` (dropped). Sample `i`
+/// is kept when the `i`-th `next_f32()` draw of `Stream::new(seed, ctr, Purpose::Noise)` is
+/// below `1 - p` (timm: `bernoulli_(keep_prob)`, then divided by `keep_prob`). `p = 0` keeps
+/// everything (mask of ones, no randomness consumed), `p = 1` drops everything. Pass a
+/// counter that names the step, the forward pass and the block, with [`DROP_PATH_TAG`] set in
+/// `ctr[2]`, e.g. `[step as u32, (step >> 32) as u32, DROP_PATH_TAG | pass << 16 | block]`.
+///
+/// Panics if `p` is outside `[0, 1]`: the config loader must reject such a rate first.
+// -> mask (B)
+pub fn drop_path_mask(mask: &mut [f32], p: f32, seed: u64, ctr: [u32; 3]) {
+    assert!(
+        (0.0..=1.0).contains(&p),
+        "drop_path_mask: the drop-path rate must lie in [0, 1], got {p}"
+    );
+    if p == 0.0 {
+        mask.fill(1.0);
+        return;
+    }
+    let keep = 1.0 - p;
+    let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
+    let mut rng = Stream::new(seed, ctr, Purpose::Noise);
+    for m in mask.iter_mut() {
+        *m = if rng.next_f32() < keep { scale } else { 0.0 };
+    }
+}
+
+/// Writes `y[b] = mask[b] * x[b]` for each sample's `per_sample` elements.
+// x (B, L), mask (B) -> y (B, L)
+pub fn drop_path_forward(y: &mut [f32], x: &[f32], mask: &[f32], b: usize, per_sample: usize) {
+    check("drop_path_forward", x.len(), mask.len(), b, per_sample);
+    assert_eq!(y.len(), x.len(), "drop_path_forward: y must be (B, L)");
+    if per_sample == 0 {
+        return;
+    }
+    y.par_chunks_mut(per_sample)
+        .zip(x.par_chunks(per_sample))
+        .zip(mask.par_iter())
+        .for_each(|((y, x), &m)| {
+            for (yi, &xi) in y.iter_mut().zip(x) {
+                *yi = m * xi;
+            }
+        });
+}
+
+/// Accumulates the gradient of [`drop_path_forward`]: `dx[b] += mask[b] * dy[b]`.
+// dy (B, L), mask (B) -> dx (B, L) +=
+pub fn drop_path_backward(dx: &mut [f32], dy: &[f32], mask: &[f32], b: usize, per_sample: usize) {
+    check("drop_path_backward", dy.len(), mask.len(), b, per_sample);
+    assert_eq!(dx.len(), dy.len(), "drop_path_backward: dx must be (B, L)");
+    scaled_accumulate(dx, dy, mask, per_sample);
+}
+
+/// The residual add of a ViT block with drop path fused in: `x[b] += mask[b] * branch[b]`.
+// x (B, L) +=, branch (B, L), mask (B)
+pub fn residual_add_scaled(x: &mut [f32], branch: &[f32], mask: &[f32], b: usize, l: usize) {
+    check("residual_add_scaled", branch.len(), mask.len(), b, l);
+    assert_eq!(
+        x.len(),
+        branch.len(),
+        "residual_add_scaled: x must be (B, L)"
+    );
+    scaled_accumulate(x, branch, mask, l);
+}
+
+/// The branch gradient of [`residual_add_scaled`]: `dbranch[b] += mask[b] * dx[b]`. The
+/// skip path's gradient is `dx` itself, which the caller keeps accumulating in place.
+// dx (B, L), mask (B) -> dbranch (B, L) +=
+pub fn residual_add_scaled_backward(
+    dbranch: &mut [f32],
+    dx: &[f32],
+    mask: &[f32],
+    b: usize,
+    l: usize,
+) {
+    check("residual_add_scaled_backward", dx.len(), mask.len(), b, l);
+    assert_eq!(
+        dbranch.len(),
+        dx.len(),
+        "residual_add_scaled_backward: dbranch must be (B, L)"
+    );
+    scaled_accumulate(dbranch, dx, mask, l);
+}
+
+fn check(name: &str, len: usize, mask: usize, b: usize, per_sample: usize) {
+    assert_eq!(len, b * per_sample, "{name}: tensors must be (B, L)");
+    assert_eq!(mask, b, "{name}: mask must be (B)");
+}
+
+/// `acc[b] += mask[b] * src[b]` per sample of `l` elements.
+fn scaled_accumulate(acc: &mut [f32], src: &[f32], mask: &[f32], l: usize) {
+    if l == 0 {
+        return;
+    }
+    acc.par_chunks_mut(l)
+        .zip(src.par_chunks(l))
+        .zip(mask.par_iter())
+        .for_each(|((acc, src), &m)| {
+            for (a, &s) in acc.iter_mut().zip(src) {
+                *a += m * s;
+            }
+        });
+}

@@ -1,0 +1,296 @@
+//! One PW-Self training step on the CPU (SPEC.md sections 4-6):
+//! teacher on the global views (no gradient) -> teacher head on all its tokens;
+//! student on every view (stochastic depth) -> student head on the matched student tokens
+//! only -> fused matched-token cross-entropy -> backward -> last-layer freeze -> clipping
+//! -> AdamW -> teacher EMA -> center update. A step with a non-finite loss or gradient
+//! changes nothing (no parameter, moment, center or EMA update) and says so.
+
+use crate::loss::{pwself_loss, update_center, LossConfig, LossKind, StudentLayout, TeacherLogits};
+use crate::model::vit::{BackboneActs, DropPath, HeadActs, Network};
+use crate::optim::{
+    cancel_last_layer_grads, clip_global_norm, clip_per_tensor, ema_update, has_non_finite,
+    l2_norm, AdamW, ClipMode, OptimConfig, Schedules,
+};
+use crate::views::batch::ViewBatch;
+use crate::views::config::ViewConfig;
+
+/// The state that changes from step to step.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    pub student: Vec<f32>,
+    pub teacher: Vec<f32>,
+    pub adam: AdamW,
+    /// Teacher center, `(T_g, K)`.
+    pub center: Vec<f32>,
+}
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub teacher_temp: f32,
+    /// Gradient norm before clipping (all tensors together).
+    pub grad_norm: f32,
+    /// Student rows that went through the head (matched tokens of the batch).
+    pub head_rows: usize,
+    /// True when the step was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+}
+
+/// Runs training steps; holds the scratch buffers reused across steps.
+pub struct StepRunner {
+    pub net: Network,
+    pub views: ViewConfig,
+    pub loss: LossConfig,
+    pub optim: OptimConfig,
+    pub schedules: Schedules,
+    pub steps_per_epoch: u64,
+    pub seed: u64,
+    decay_mask: Vec<f32>,
+    grads: Vec<f32>,
+    t_acts: BackboneActs,
+    t_head: HeadActs,
+    s_acts: [BackboneActs; 2],
+    s_head: HeadActs,
+}
+
+impl StepRunner {
+    /// A runner for `net` on batches built with `views`.
+    pub fn new(
+        net: Network,
+        views: ViewConfig,
+        loss: LossConfig,
+        optim: OptimConfig,
+        schedules: Schedules,
+        steps_per_epoch: u64,
+        seed: u64,
+    ) -> StepRunner {
+        let n = net.table.total();
+        StepRunner {
+            decay_mask: net.table.decay_mask(),
+            grads: vec![0.0; n],
+            net,
+            views,
+            loss,
+            optim,
+            schedules,
+            steps_per_epoch,
+            seed,
+            t_acts: BackboneActs::default(),
+            t_head: HeadActs::default(),
+            s_acts: [BackboneActs::default(), BackboneActs::default()],
+            s_head: HeadActs::default(),
+        }
+    }
+
+    /// Tokens per global view (`1 + grid^2`): the rows of the center.
+    pub fn teacher_tokens(&self) -> usize {
+        let g = self.views.grid(0);
+        1 + g * g
+    }
+
+    /// Fresh weights: student initialised from `seed`, the teacher a copy (as DINO), zero
+    /// moments and center.
+    pub fn init_weights(&self) -> Weights {
+        let student = self.net.init(self.seed);
+        Weights {
+            teacher: student.clone(),
+            adam: AdamW {
+                beta1: self.optim.beta1,
+                beta2: self.optim.beta2,
+                eps: self.optim.eps,
+                ..AdamW::new(student.len())
+            },
+            student,
+            center: vec![0.0; self.teacher_tokens() * self.net.head.out_dim],
+        }
+    }
+
+    /// The images of views `range` of `batch`, concatenated view-major: `(n_views * B, C, S, S)`.
+    fn concat(batch: &ViewBatch, range: std::ops::Range<usize>) -> Vec<f32> {
+        batch.views[range].concat()
+    }
+
+    /// One training step on `batch` (its index is the step number).
+    pub fn step(&mut self, w: &mut Weights, batch: &ViewBatch) -> StepStats {
+        let step = batch.index;
+        let epoch = step / self.steps_per_epoch.max(1);
+        let (b, d, k) = (batch.len(), self.net.vit.embed_dim, self.net.head.out_dim);
+        let (ng, nl) = (self.views.global.count, self.views.local.count);
+        let (gside, lside) = (self.views.global.side, self.views.local.side);
+        let t_g = self.teacher_tokens();
+        let mut stats = StepStats {
+            step,
+            epoch,
+            lr: self.schedules.lr.at(step),
+            weight_decay: self.schedules.weight_decay.at(step),
+            momentum: self.schedules.momentum.at(step),
+            teacher_temp: self.loss.teacher_temp_at(epoch as usize),
+            ..StepStats::default()
+        };
+        let net = &self.net;
+
+        // Teacher: globals only, no drop path, head on every token.
+        let globals = Self::concat(batch, 0..ng);
+        net.backbone_forward(&w.teacher, &globals, ng * b, gside, None, &mut self.t_acts);
+        let t_last = net.last_layer(&w.teacher);
+        net.head_forward(
+            &w.teacher,
+            &t_last,
+            &self.t_acts.out,
+            ng * b * t_g,
+            &mut self.t_head,
+        );
+
+        // Student: globals (call 0) and locals (call 1) with stochastic depth.
+        let drop = |call| {
+            Some(DropPath {
+                seed: self.seed,
+                step,
+                call,
+            })
+        };
+        net.backbone_forward(
+            &w.student,
+            &globals,
+            ng * b,
+            gside,
+            drop(0),
+            &mut self.s_acts[0],
+        );
+        let locals = Self::concat(batch, ng..ng + nl);
+        if nl > 0 {
+            net.backbone_forward(
+                &w.student,
+                &locals,
+                nl * b,
+                lside,
+                drop(1),
+                &mut self.s_acts[1],
+            );
+        }
+        let t_l = self.s_acts[1].tokens;
+
+        // Only the matched student tokens go through the head.
+        let layout = StudentLayout::new(&batch.pairs, b, self.loss.kind.uses_patches());
+        let rows = layout.rows();
+        let token_at = |view: usize, image: usize, token: usize| -> (usize, usize) {
+            if view < ng {
+                (0, ((view * b + image) * t_g + token) * d)
+            } else {
+                (1, (((view - ng) * b + image) * t_l + token) * d)
+            }
+        };
+        let mut gathered = vec![0.0f32; rows * d];
+        for (r, (image, view, token)) in layout.gather_list().enumerate() {
+            let (call, at) = token_at(view as usize, image, token as usize);
+            gathered[r * d..(r + 1) * d].copy_from_slice(&self.s_acts[call].out[at..at + d]);
+        }
+        let s_last = net.last_layer(&w.student);
+        net.head_forward(&w.student, &s_last, &gathered, rows, &mut self.s_head);
+        stats.head_rows = rows;
+
+        // Loss and its gradient w.r.t. the student logits.
+        let per_view = b * t_g * k;
+        let t_views: Vec<&[f32]> = self.t_head.logits.chunks_exact(per_view).collect();
+        let teacher = TeacherLogits {
+            views: &t_views,
+            center: &w.center,
+            tokens: t_g,
+            classes: k,
+            temperature: stats.teacher_temp,
+        };
+        let mut dlogits = vec![0.0f32; rows * k];
+        stats.loss = pwself_loss(
+            &layout,
+            self.loss.kind,
+            &teacher,
+            &self.s_head.logits,
+            self.loss.student_temp,
+            &mut dlogits,
+        );
+
+        // Backward.
+        self.grads.fill(0.0);
+        let mut dgathered = vec![0.0f32; rows * d];
+        net.head_backward(
+            &w.student,
+            &mut self.grads,
+            &s_last,
+            &self.s_head,
+            &gathered,
+            &dlogits,
+            &mut dgathered,
+        );
+        let mut dtokens = [
+            vec![0.0f32; self.s_acts[0].out.len()],
+            vec![0.0f32; self.s_acts[1].out.len()],
+        ];
+        for (r, (image, view, token)) in layout.gather_list().enumerate() {
+            let (call, at) = token_at(view as usize, image, token as usize);
+            dtokens[call][at..at + d]
+                .iter_mut()
+                .zip(&dgathered[r * d..(r + 1) * d])
+                .for_each(|(a, g)| *a += g);
+        }
+        net.backbone_backward(&w.student, &mut self.grads, &self.s_acts[0], &dtokens[0]);
+        if nl > 0 {
+            net.backbone_backward(&w.student, &mut self.grads, &self.s_acts[1], &dtokens[1]);
+        }
+
+        // Optimisation.
+        cancel_last_layer_grads(
+            &mut self.grads,
+            &net.table,
+            epoch as usize,
+            self.optim.freeze_last_layer,
+        );
+        stats.grad_norm = l2_norm(&self.grads);
+        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() || has_non_finite(&self.grads) {
+            stats.skipped = true;
+            return stats;
+        }
+        if self.optim.clip_grad > 0.0 {
+            match self.optim.clip_mode {
+                ClipMode::PerTensor => {
+                    clip_per_tensor(&mut self.grads, &net.table, self.optim.clip_grad as f32);
+                }
+                ClipMode::GlobalNorm => {
+                    clip_global_norm(&mut self.grads, self.optim.clip_grad as f32);
+                }
+            }
+        }
+        w.adam.step(
+            &mut w.student,
+            &self.grads,
+            stats.lr as f32,
+            stats.weight_decay as f32,
+            &self.decay_mask,
+        );
+        ema_update(&mut w.teacher, &w.student, stats.momentum as f32);
+        update_center(
+            &mut w.center,
+            &t_views,
+            b,
+            t_g,
+            k,
+            self.loss.center_momentum,
+        );
+        stats
+    }
+}
+
+/// Whether the loss kind trains patch tokens (for messages).
+pub fn describes(kind: LossKind) -> &'static str {
+    match kind {
+        LossKind::Dino => "DINO (CLS only)",
+        LossKind::Pwml => "PWML (mean over matched tokens)",
+        LossKind::Pwsl => "PWSL (sum over matched tokens)",
+        LossKind::Pwll { .. } => "PWLL (lambda CLS + (1-lambda) patch mean)",
+    }
+}
