@@ -37,8 +37,10 @@ pub struct TrainingState {
     pub exp_avg: Vec<f32>,
     /// AdamW second moment.
     pub exp_avg_sq: Vec<f32>,
-    /// AdamW steps taken.
+    /// AdamW steps taken (all tensors but the head's last layer).
     pub adam_step: u64,
+    /// AdamW steps taken by the head's last layer (fewer: it is frozen at first).
+    pub adam_step_last: u64,
     /// Teacher center, `(center_rows, K)`.
     pub center: Vec<f32>,
     /// Token positions of the center (1 + global grid^2).
@@ -117,6 +119,7 @@ pub fn save(
         ("step", state.step.to_string()),
         ("epoch", state.epoch.to_string()),
         ("adam_step", state.adam_step.to_string()),
+        ("adam_step_last_layer", state.adam_step_last.to_string()),
         ("config", config_json.to_string()),
     ]
     .into_iter()
@@ -228,6 +231,7 @@ pub fn load(
         exp_avg: vec![0.0; n],
         exp_avg_sq: vec![0.0; n],
         adam_step: num("adam_step")?,
+        adam_step_last: num("adam_step_last_layer")?,
         center: vec![0.0; center_rows * k],
         center_rows,
         step: num("step")?,
@@ -277,6 +281,7 @@ mod tests {
             exp_avg: f(3.0),
             exp_avg_sq: f(4.0),
             adam_step: 7,
+            adam_step_last: 5,
             center: (0..10).map(|i| i as f32).collect(),
             center_rows: 2,
             step: 12,

@@ -401,10 +401,9 @@ pub const LAST_LAYER_PREFIX: &str = "head.last_layer";
 /// `epoch < freeze_epochs` (DINO's `cancel_gradients_last_layer`); returns whether it did.
 ///
 /// DINO sets those gradients to `None`, so PyTorch's AdamW skips the tensors altogether.
-/// Zeroed gradients come close: the moments of a tensor that has only ever had zero
-/// gradients stay 0 and the Adam update is 0, but weight decay (lr * wd * p per step,
-/// tiny during the lr warm-up) still applies, and the bias correction later uses the
-/// global step count rather than the tensor's own.
+/// Zeroed gradients take them out of the gradient norm and the clipping; the trainer also
+/// skips the layer in the optimiser while frozen (`train::step::SplitAdamW`), so it gets
+/// no weight decay and its bias correction counts its own steps, as in PyTorch.
 pub fn cancel_last_layer_grads(
     grads: &mut [f32],
     table: &ParamTable,

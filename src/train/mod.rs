@@ -24,11 +24,10 @@ use crate::data::{default_pack, Pack, Split};
 use crate::error::{Error, Result};
 use crate::eval::knn::KnnResult;
 use crate::model::vit::Network;
-use crate::optim::AdamW;
 use crate::views::batch::{LoaderPlan, ViewBuilder, ViewLoader};
 use crate::viz::{plot_canvas, plot_panel, Panel, Series, SERIES};
 pub use config::TrainConfig;
-use step::{StepRunner, StepStats, Weights};
+use step::{SplitAdamW, StepRunner, StepStats, Weights};
 
 /// The k values of the kNN evaluation during training.
 pub const KNN_KS: [usize; 2] = [10, 20];
@@ -163,13 +162,9 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 p.clone()
             };
             let (s, _) = checkpoint::load(&file, &net.table, t_g, k)?;
-            let adam = AdamW::from_state(s.exp_avg, s.exp_avg_sq, s.adam_step)?;
-            let adam = AdamW {
-                beta1: cfg.optim.beta1,
-                beta2: cfg.optim.beta2,
-                eps: cfg.optim.eps,
-                ..adam
-            };
+            let split = runner.last_layer_offset();
+            let steps = (s.adam_step, s.adam_step_last);
+            let adam = SplitAdamW::from_state(s.exp_avg, s.exp_avg_sq, steps, split, &cfg.optim)?;
             (
                 Weights {
                     student: s.student,
@@ -291,9 +286,10 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let state = TrainingState {
                 student: w.student.clone(),
                 teacher: w.teacher.clone(),
-                exp_avg: w.adam.m.clone(),
-                exp_avg_sq: w.adam.v.clone(),
-                adam_step: w.adam.step,
+                exp_avg: w.adam.m(),
+                exp_avg_sq: w.adam.v(),
+                adam_step: w.adam.main.step,
+                adam_step_last: w.adam.last.step,
                 center: w.center.clone(),
                 center_rows: t_g,
                 step: next,

@@ -14,12 +14,95 @@ use crate::optim::{
 use crate::views::batch::ViewBatch;
 use crate::views::config::ViewConfig;
 
+/// AdamW as DINO runs it. During the last-layer freeze PyTorch leaves that layer's
+/// gradients `None`, so AdamW skips it entirely: no weight decay, no moment update, and
+/// its step count (for the bias corrections) only starts when the freeze ends. The last
+/// layer is the tail of the flat buffer, so it gets its own [`AdamW`] over that tail.
+#[derive(Clone, Debug)]
+pub struct SplitAdamW {
+    /// Everything before the last layer.
+    pub main: AdamW,
+    /// `head.last_layer.weight_v`.
+    pub last: AdamW,
+    /// Where the last layer starts in the flat buffer.
+    pub split: usize,
+}
+
+impl SplitAdamW {
+    /// Fresh state for a buffer of `len` elements whose last layer starts at `split`.
+    pub fn new(len: usize, split: usize, cfg: &OptimConfig) -> SplitAdamW {
+        let with = |a: AdamW| AdamW {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            ..a
+        };
+        SplitAdamW {
+            main: with(AdamW::new(split)),
+            last: with(AdamW::new(len - split)),
+            split,
+        }
+    }
+
+    /// Restored state: whole-buffer moments and the two step counts.
+    pub fn from_state(
+        m: Vec<f32>,
+        v: Vec<f32>,
+        steps: (u64, u64),
+        split: usize,
+        cfg: &OptimConfig,
+    ) -> crate::Result<SplitAdamW> {
+        let with = |a: AdamW| AdamW {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            ..a
+        };
+        let main = AdamW::from_state(m[..split].to_vec(), v[..split].to_vec(), steps.0)?;
+        let last = AdamW::from_state(m[split..].to_vec(), v[split..].to_vec(), steps.1)?;
+        Ok(SplitAdamW {
+            main: with(main),
+            last: with(last),
+            split,
+        })
+    }
+
+    /// The first moment over the whole buffer.
+    pub fn m(&self) -> Vec<f32> {
+        [self.main.m.as_slice(), self.last.m.as_slice()].concat()
+    }
+
+    /// The second moment over the whole buffer.
+    pub fn v(&self) -> Vec<f32> {
+        [self.main.v.as_slice(), self.last.v.as_slice()].concat()
+    }
+
+    /// One update; with `frozen` the last layer is left alone.
+    pub fn step(
+        &mut self,
+        params: &mut [f32],
+        grads: &[f32],
+        lr: f32,
+        wd: f32,
+        mask: &[f32],
+        frozen: bool,
+    ) {
+        let s = self.split;
+        self.main
+            .step(&mut params[..s], &grads[..s], lr, wd, &mask[..s]);
+        if !frozen {
+            self.last
+                .step(&mut params[s..], &grads[s..], lr, wd, &mask[s..]);
+        }
+    }
+}
+
 /// The state that changes from step to step.
 #[derive(Clone, Debug)]
 pub struct Weights {
     pub student: Vec<f32>,
     pub teacher: Vec<f32>,
-    pub adam: AdamW,
+    pub adam: SplitAdamW,
     /// Teacher center, `(T_g, K)`.
     pub center: Vec<f32>,
 }
@@ -94,18 +177,18 @@ impl StepRunner {
         1 + g * g
     }
 
+    /// Where the head's last layer starts in the flat buffer (it is the last tensor).
+    pub fn last_layer_offset(&self) -> usize {
+        self.net.table.info("head.last_layer.weight_v").offset
+    }
+
     /// Fresh weights: student initialised from `seed`, the teacher a copy (as DINO), zero
     /// moments and center.
     pub fn init_weights(&self) -> Weights {
         let student = self.net.init(self.seed);
         Weights {
             teacher: student.clone(),
-            adam: AdamW {
-                beta1: self.optim.beta1,
-                beta2: self.optim.beta2,
-                eps: self.optim.eps,
-                ..AdamW::new(student.len())
-            },
+            adam: SplitAdamW::new(student.len(), self.last_layer_offset(), &self.optim),
             student,
             center: vec![0.0; self.teacher_tokens() * self.net.head.out_dim],
         }
@@ -244,7 +327,9 @@ impl StepRunner {
         }
 
         // Optimisation.
-        cancel_last_layer_grads(
+        // Frozen: the gradients are zeroed (out of the norm and the clipping, as DINO's
+        // `None`), and the optimiser skips the layer (see SplitAdamW).
+        let frozen = cancel_last_layer_grads(
             &mut self.grads,
             &net.table,
             epoch as usize,
@@ -271,6 +356,7 @@ impl StepRunner {
             stats.lr as f32,
             stats.weight_decay as f32,
             &self.decay_mask,
+            frozen,
         );
         ema_update(&mut w.teacher, &w.student, stats.momentum as f32);
         update_center(
@@ -292,5 +378,27 @@ pub fn describes(kind: LossKind) -> &'static str {
         LossKind::Pwml => "PWML (mean over matched tokens)",
         LossKind::Pwsl => "PWSL (sum over matched tokens)",
         LossKind::Pwll { .. } => "PWLL (lambda CLS + (1-lambda) patch mean)",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_last_layer_gets_no_decay_and_counts_its_own_steps() {
+        let cfg = OptimConfig::default();
+        let mut opt = SplitAdamW::new(8, 5, &cfg);
+        let mut p = vec![1.0f32; 8];
+        let (g, mask) = (vec![0.0f32; 8], vec![1.0f32; 8]);
+        opt.step(&mut p, &g, 0.1, 0.5, &mask, true);
+        // Decoupled decay on the main part: 1 - lr * wd = 0.95; the frozen tail untouched.
+        assert!(p[..5].iter().all(|&x| (x - 0.95).abs() < 1e-7), "{p:?}");
+        assert!(p[5..].iter().all(|&x| x == 1.0), "{p:?}");
+        assert_eq!((opt.main.step, opt.last.step), (1, 0));
+        opt.step(&mut p, &g, 0.1, 0.5, &mask, false);
+        assert_eq!((opt.main.step, opt.last.step), (2, 1));
+        assert!(p[5..].iter().all(|&x| (x - 0.95).abs() < 1e-7));
+        assert_eq!(opt.m().len(), 8);
     }
 }
