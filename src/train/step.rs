@@ -199,8 +199,10 @@ impl StepRunner {
         batch.views[range].concat()
     }
 
-    /// One training step on `batch` (its index is the step number).
-    pub fn step(&mut self, w: &mut Weights, batch: &ViewBatch) -> StepStats {
+    /// The loss of `batch` under `w` and its gradient w.r.t. the student parameters (in
+    /// [`grads`](Self::grads)); the teacher's logits stay in the runner for the center
+    /// update. Changes no weight.
+    pub fn forward_backward(&mut self, w: &Weights, batch: &ViewBatch) -> StepStats {
         let step = batch.index;
         let epoch = step / self.steps_per_epoch.max(1);
         let (b, d, k) = (batch.len(), self.net.vit.embed_dim, self.net.head.out_dim);
@@ -325,7 +327,24 @@ impl StepRunner {
         if nl > 0 {
             net.backbone_backward(&w.student, &mut self.grads, &self.s_acts[1], &dtokens[1]);
         }
+        stats
+    }
 
+    /// The gradient of the last [`forward_backward`](Self::forward_backward).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// One training step on `batch` (its index is the step number).
+    pub fn step(&mut self, w: &mut Weights, batch: &ViewBatch) -> StepStats {
+        let mut stats = self.forward_backward(w, batch);
+        let (epoch, b, k, t_g) = (
+            stats.epoch,
+            batch.len(),
+            self.net.head.out_dim,
+            self.teacher_tokens(),
+        );
+        let net = &self.net;
         // Optimisation.
         // Frozen: the gradients are zeroed (out of the norm and the clipping, as DINO's
         // `None`), and the optimiser skips the layer (see SplitAdamW).
@@ -359,6 +378,7 @@ impl StepRunner {
             frozen,
         );
         ema_update(&mut w.teacher, &w.student, stats.momentum as f32);
+        let t_views: Vec<&[f32]> = self.t_head.logits.chunks_exact(b * t_g * k).collect();
         update_center(
             &mut w.center,
             &t_views,
