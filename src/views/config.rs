@@ -60,12 +60,20 @@ pub struct ViewConfig {
 }
 
 impl ViewConfig {
-    /// A preset's configuration.
+    /// A preset's configuration. DINO's blur sigma (0.1 to 2.0 pixels) is meant for
+    /// 224-pixel views; the small presets see the same content in `side` pixels, so their
+    /// sigma range is scaled by `side / 224` (28 px: 0.0125 to 0.25), which keeps the blur
+    /// the same fraction of the image as in the paper's setup.
     pub fn preset(preset: Preset) -> ViewConfig {
         let (patch, g, l) = match preset {
             Preset::Small28 => (4, 28, 12),
             Preset::Small32 => (4, 32, 16),
             Preset::Paper224 => (16, 224, 96),
+        };
+        let scale = g as f32 / 224.0;
+        let blur = |c: PhotometricConfig| PhotometricConfig {
+            blur_sigma: (c.blur_sigma.0 * scale, c.blur_sigma.1 * scale),
+            ..c
         };
         ViewConfig {
             patch_size: patch,
@@ -82,9 +90,9 @@ impl ViewConfig {
             interpolation: Interpolation::Bicubic,
             flip_p: 0.5,
             per_patch: true,
-            global1: PhotometricConfig::dino_global1(),
-            global2: PhotometricConfig::dino_global2(),
-            local_aug: PhotometricConfig::dino_local(),
+            global1: blur(PhotometricConfig::dino_global1()),
+            global2: blur(PhotometricConfig::dino_global2()),
+            local_aug: blur(PhotometricConfig::dino_local()),
             match_rule: MatchRule::Paper,
         }
     }
