@@ -24,7 +24,7 @@
 use pwself_engine::cpu::attention::{attention_backward, attention_forward};
 use pwself_engine::cpu::drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask, residual_add_scaled,
-    residual_add_scaled_backward, DROP_PATH_TAG,
+    residual_add_scaled_backward,
 };
 use pwself_engine::cpu::gelu::{gelu_backward, gelu_forward};
 use pwself_engine::cpu::head::{
@@ -982,7 +982,7 @@ fn weight_norm_forward_and_backward_match_f64_reference() {
 fn drop_path_rate_zero_is_the_identity() {
     let (b, l) = (5, 7);
     let mut mask = vec![f32::NAN; b];
-    drop_path_mask(&mut mask, 0.0, 1, [0, 0, DROP_PATH_TAG]);
+    drop_path_mask(&mut mask, 0.0, 1, [0, 0, 0]);
     assert_eq!(mask, vec![1.0; b]);
     let x = randn(b * l, 1100, 1, 1.0);
     let mut y = vec![f32::NAN; b * l];
@@ -1001,7 +1001,7 @@ fn drop_path_keeps_a_fraction_one_minus_p_scaled_by_its_inverse() {
     let n = 100_000;
     for p in [0.1f32, 0.5, 0.9] {
         let mut mask = vec![f32::NAN; n];
-        drop_path_mask(&mut mask, p, 42, [3, 0, DROP_PATH_TAG | 5]);
+        drop_path_mask(&mut mask, p, 42, [3, 0, 5]);
         let scale = 1.0 / (1.0 - p);
         assert!(mask.iter().all(|&m| m == 0.0 || m == scale));
         let kept = mask.iter().filter(|&&m| m != 0.0).count() as f64 / n as f64;
@@ -1017,13 +1017,13 @@ fn drop_path_keeps_a_fraction_one_minus_p_scaled_by_its_inverse() {
         );
     }
     let mut all = vec![f32::NAN; 16];
-    drop_path_mask(&mut all, 1.0, 1, [0, 0, DROP_PATH_TAG]);
+    drop_path_mask(&mut all, 1.0, 1, [0, 0, 0]);
     assert_eq!(all, vec![0.0; 16]);
     // Same counter, same mask; another counter, another mask.
     let (mut a, mut b, mut c) = (vec![0.0; 64], vec![0.0; 64], vec![0.0; 64]);
-    drop_path_mask(&mut a, 0.5, 9, [1, 2, DROP_PATH_TAG]);
-    drop_path_mask(&mut b, 0.5, 9, [1, 2, DROP_PATH_TAG]);
-    drop_path_mask(&mut c, 0.5, 9, [1, 3, DROP_PATH_TAG]);
+    drop_path_mask(&mut a, 0.5, 9, [1, 2, 0]);
+    drop_path_mask(&mut b, 0.5, 9, [1, 2, 0]);
+    drop_path_mask(&mut c, 0.5, 9, [1, 3, 0]);
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
@@ -1032,7 +1032,7 @@ fn drop_path_keeps_a_fraction_one_minus_p_scaled_by_its_inverse() {
 fn drop_path_forward_backward_and_residual_match_reference() {
     let (b, l) = (6, 11);
     let mut mask = vec![0.0; b];
-    drop_path_mask(&mut mask, 0.5, 7, [0, 0, DROP_PATH_TAG]);
+    drop_path_mask(&mut mask, 0.5, 7, [0, 0, 0]);
     assert!(
         mask.contains(&0.0) && mask.contains(&2.0),
         "this seed drops and keeps"

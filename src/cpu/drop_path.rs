@@ -13,18 +13,12 @@ use rayon::prelude::*;
 
 use crate::rng::{Purpose, Stream};
 
-/// Set this bit in `ctr[2]` of a drop-path stream. Drop-path masks draw from
-/// `Purpose::Noise` streams (the enum has no drop-path purpose and must not grow for it);
-/// the view pipeline's noise streams use `ctr[2] = (view << 20) | region < 2^24`, so
-/// counters with the top bit set can never collide with them under the same seed.
-pub const DROP_PATH_TAG: u32 = 0x8000_0000;
-
-/// Fills `mask` with one value per sample: `1 / (1 - p)` (kept) or `0` (dropped). Sample `i`
-/// is kept when the `i`-th `next_f32()` draw of `Stream::new(seed, ctr, Purpose::Noise)` is
-/// below `1 - p` (timm: `bernoulli_(keep_prob)`, then divided by `keep_prob`). `p = 0` keeps
-/// everything (mask of ones, no randomness consumed), `p = 1` drops everything. Pass a
-/// counter that names the step, the forward pass and the block, with [`DROP_PATH_TAG`] set in
-/// `ctr[2]`, e.g. `[step as u32, (step >> 32) as u32, DROP_PATH_TAG | pass << 16 | block]`.
+/// Fills `mask` with one value per sample: `0` (dropped) or `1 / (1 - p)` (kept). Sample `i`
+/// is dropped when the `i`-th `next_f32()` draw of `Stream::new(seed, ctr, Purpose::DropPath)`
+/// is below `p` (timm: `bernoulli_(1 - p)`, then divided by `1 - p`). `p = 0` keeps everything
+/// (mask of ones, no randomness consumed), `p = 1` drops everything. Pass a counter that names
+/// the step, the forward pass and the block, e.g.
+/// `[step as u32, (step >> 32) as u32, pass << 16 | (2 * block + branch)]`.
 ///
 /// Panics if `p` is outside `[0, 1]`: the config loader must reject such a rate first.
 // -> mask (B)
@@ -37,11 +31,10 @@ pub fn drop_path_mask(mask: &mut [f32], p: f32, seed: u64, ctr: [u32; 3]) {
         mask.fill(1.0);
         return;
     }
-    let keep = 1.0 - p;
-    let scale = if keep > 0.0 { 1.0 / keep } else { 0.0 };
-    let mut rng = Stream::new(seed, ctr, Purpose::Noise);
+    let scale = if p < 1.0 { 1.0 / (1.0 - p) } else { 0.0 };
+    let mut rng = Stream::new(seed, ctr, Purpose::DropPath);
     for m in mask.iter_mut() {
-        *m = if rng.next_f32() < keep { scale } else { 0.0 };
+        *m = if rng.next_f32() < p { 0.0 } else { scale };
     }
 }
 

@@ -12,9 +12,8 @@
 //! Backward passes accumulate into the gradient buffer (the caller zeroes it once per
 //! step), so the globals and the locals can run through the same weights separately.
 
-use rayon::prelude::*;
-
 use crate::cpu::attention::{attention_backward, attention_forward};
+use crate::cpu::drop_path::{drop_path_mask, residual_add_scaled, residual_add_scaled_backward};
 use crate::cpu::gelu::{gelu_backward, gelu_forward};
 use crate::cpu::head::{
     l2norm_backward, l2norm_forward, weight_norm_backward, weight_norm_forward,
@@ -289,28 +288,19 @@ impl Network {
         acts.blocks.resize_with(v.depth, BlockActs::default);
         for (i, ba) in acts.blocks.iter_mut().enumerate() {
             let pre = format!("blocks.{i}");
-            let masks = drop.filter(|_| self.drop_rate(i) > 0.0).map(|dp| {
-                let rate = self.drop_rate(i);
-                let draw = |branch: u32| {
-                    let ctr = [
+            // Per-sample masks of the two residual branches (all ones without drop path).
+            let (mut m_attn, mut m_mlp) = (vec![1.0; batch], vec![1.0; batch]);
+            if let Some(dp) = drop {
+                let ctr = |branch: u32| {
+                    [
                         dp.step as u32,
                         (dp.step >> 32) as u32,
                         (dp.call << 16) | (2 * i as u32 + branch),
-                    ];
-                    let mut rng = Stream::new(dp.seed, ctr, Purpose::DropPath);
-                    (0..batch)
-                        .map(|_| {
-                            if rng.next_f32() < rate {
-                                0.0
-                            } else {
-                                1.0 / (1.0 - rate)
-                            }
-                        })
-                        .collect::<Vec<f32>>()
+                    ]
                 };
-                (draw(0), draw(1))
-            });
-            let (m_attn, m_mlp) = masks.unwrap_or_else(|| (vec![1.0; batch], vec![1.0; batch]));
+                drop_path_mask(&mut m_attn, self.drop_rate(i), dp.seed, ctr(0));
+                drop_path_mask(&mut m_mlp, self.drop_rate(i), dp.seed, ctr(1));
+            }
             ba.x_in = x;
             resize(&mut ba.ln1, n * d);
             resize(&mut ba.ln1_mean, n);
@@ -336,7 +326,7 @@ impl Network {
             let (w, b) = self.wb(params, &format!("{pre}.attn.proj"));
             linear_forward(&mut branch, &ba.att, w, Some(b), n, d, d);
             ba.x_mid = ba.x_in.clone();
-            add_masked(&mut ba.x_mid, &branch, &m_attn, t * d);
+            residual_add_scaled(&mut ba.x_mid, &branch, &m_attn, batch, t * d);
 
             resize(&mut ba.ln2, n * d);
             resize(&mut ba.ln2_mean, n);
@@ -361,7 +351,7 @@ impl Network {
             let (w, b) = self.wb(params, &format!("{pre}.mlp.fc2"));
             linear_forward(&mut branch, &ba.a, w, Some(b), n, hdim, d);
             x = ba.x_mid.clone();
-            add_masked(&mut x, &branch, &m_mlp, t * d);
+            residual_add_scaled(&mut x, &branch, &m_mlp, batch, t * d);
             (ba.mask_attn, ba.mask_mlp) = (m_attn, m_mlp);
         }
         acts.x_final = x;
@@ -423,7 +413,8 @@ impl Network {
             let ba = &acts.blocks[i];
             let pre = format!("blocks.{i}");
             // x_out = x_mid + m_mlp * fc2(gelu(fc1(ln2(x_mid)))); dx holds d x_out.
-            scale_masked(&mut dbranch, &dx, &ba.mask_mlp, t * d);
+            dbranch.fill(0.0);
+            residual_add_scaled_backward(&mut dbranch, &dx, &ba.mask_mlp, batch, t * d);
             da.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc2.weight"))];
@@ -456,7 +447,8 @@ impl Network {
                 );
             }
             // x_mid = x_in + m_attn * proj(attention(qkv(ln1(x_in)))).
-            scale_masked(&mut dbranch, &dx, &ba.mask_attn, t * d);
+            dbranch.fill(0.0);
+            residual_add_scaled_backward(&mut dbranch, &dx, &ba.mask_attn, batch, t * d);
             datt.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.attn.proj.weight"))];
@@ -656,24 +648,4 @@ fn head_dims(vit: &VitConfig, head: &HeadConfig) -> Vec<(usize, usize)> {
     dims.extend(std::iter::repeat((head.hidden, head.hidden)).take(head.layers - 2));
     dims.push((head.hidden, head.bottleneck));
     dims
-}
-
-/// `x[b] += mask[b] * branch[b]` per image (`per` elements each).
-fn add_masked(x: &mut [f32], branch: &[f32], mask: &[f32], per: usize) {
-    x.par_chunks_mut(per)
-        .zip(branch.par_chunks(per))
-        .zip(mask.par_iter())
-        .for_each(|((x, br), &m)| {
-            x.iter_mut().zip(br).for_each(|(x, &b)| *x += m * b);
-        });
-}
-
-/// `out[b] = mask[b] * dy[b]` per image.
-fn scale_masked(out: &mut [f32], dy: &[f32], mask: &[f32], per: usize) {
-    out.par_chunks_mut(per)
-        .zip(dy.par_chunks(per))
-        .zip(mask.par_iter())
-        .for_each(|((o, dy), &m)| {
-            o.iter_mut().zip(dy).for_each(|(o, &g)| *o = m * g);
-        });
 }

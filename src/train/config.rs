@@ -128,11 +128,26 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             data: DataSection::default(),
-            views: ViewSection { local_views: Some(6), ..ViewSection::default() },
+            views: ViewSection {
+                local_views: Some(6),
+                ..ViewSection::default()
+            },
             model: ModelSection::default(),
-            head: HeadConfig { out_dim: 512, ..HeadConfig::default() },
-            loss: LossConfig { teacher_temp: 0.04, warmup_teacher_temp_epochs: 0, ..LossConfig::default() },
-            optim: OptimConfig { lr: 0.008, warmup_epochs: 1, momentum_teacher: 0.99, ..OptimConfig::default() },
+            head: HeadConfig {
+                out_dim: 512,
+                ..HeadConfig::default()
+            },
+            loss: LossConfig {
+                teacher_temp: 0.04,
+                warmup_teacher_temp_epochs: 0,
+                ..LossConfig::default()
+            },
+            optim: OptimConfig {
+                lr: 0.008,
+                warmup_epochs: 1,
+                momentum_teacher: 0.99,
+                ..OptimConfig::default()
+            },
             run: RunSection::default(),
         }
     }
