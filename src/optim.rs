@@ -22,9 +22,10 @@ const CHUNK: usize = 1 << 14;
 #[serde(rename_all = "kebab-case")]
 pub enum ClipMode {
     /// Each tensor separately to the limit (DINO's `utils.clip_gradients`, the official code).
-    #[default]
     PerTensor,
-    /// All gradients together, scaled by one factor (PyTorch's `clip_grad_norm_`).
+    /// All gradients together, scaled by one factor (PyTorch's `clip_grad_norm_`): the
+    /// engine's default, so the update direction is never distorted tensor by tensor.
+    #[default]
     GlobalNorm,
 }
 
@@ -73,7 +74,7 @@ impl Default for OptimConfig {
             momentum_teacher: 0.996,
             momentum_teacher_end: 1.0,
             clip_grad: 3.0,
-            clip_mode: ClipMode::PerTensor,
+            clip_mode: ClipMode::GlobalNorm,
             freeze_last_layer: 1,
             beta1: 0.9,
             beta2: 0.999,

@@ -171,7 +171,7 @@ fn cosine_schedule_endpoints_and_midpoints() {
 #[test]
 fn dino_default_schedules() {
     let cfg = OptimConfig::default();
-    assert_eq!(cfg.clip_mode, ClipMode::PerTensor);
+    assert_eq!(cfg.clip_mode, ClipMode::GlobalNorm);
     let s = cfg.schedules(512, 100, 20).unwrap();
     assert!((cfg.peak_lr(512) - 1e-3).abs() < 1e-15, "5e-4 * 512 / 256");
     assert_eq!(s.lr.at(0), 0.0);
