@@ -121,3 +121,50 @@ fn training_objective_gradient_matches_finite_differences() {
         }
     }
 }
+
+#[test]
+fn the_teacher_moves_only_by_the_ema_of_the_student() {
+    // After a step: teacher_new == m * teacher_old + (1 - m) * student_new, element by
+    // element, computed here independently; the loss gives the teacher no gradient.
+    let dir = tempfile::tempdir().unwrap();
+    let pack = pack(dir.path());
+    let mut cfg = TrainConfig::default();
+    cfg.model.embed_dim = Some(8);
+    cfg.model.depth = Some(1);
+    cfg.model.heads = Some(2);
+    cfg.head.hidden = 12;
+    cfg.head.bottleneck = 6;
+    cfg.head.out_dim = 7;
+    cfg.views.global_side = Some(12);
+    cfg.views.local_side = Some(8);
+    let (views, vit) = cfg.resolve(16, 16, 1).unwrap();
+    let net = Network::new(vit, cfg.head.clone()).unwrap();
+    let sched = cfg.optim.schedules(2, 10, 2).unwrap();
+    let mut runner = StepRunner::new(
+        net,
+        views.clone(),
+        cfg.loss.clone(),
+        cfg.optim.clone(),
+        sched,
+        2,
+        5,
+    );
+    let mut w = runner.init_weights();
+    let batch = ViewBuilder::new(views, 9, &pack)
+        .unwrap()
+        .build(&pack, 3, 1, &[0, 1])
+        .unwrap();
+    let teacher_old = w.teacher.clone();
+    let student_old = w.student.clone();
+    let stats = runner.step(&mut w, &batch);
+    assert!(!stats.skipped);
+    assert_ne!(w.student, student_old, "the student was updated");
+    let m = stats.momentum as f32;
+    for ((&t_new, &t_old), &s_new) in w.teacher.iter().zip(&teacher_old).zip(&w.student) {
+        let want = m * t_old + (1.0 - m) * s_new;
+        assert!(
+            (t_new - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{t_new} vs {want}"
+        );
+    }
+}
