@@ -1,28 +1,9 @@
 //! The command line as a user meets it: known answers, JSON shapes, pictures, and clean
 //! refusals (non-zero exit, a message naming the flag and the fix, never a panic).
 
-use std::process::{Command, Output};
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pwself-engine"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
-fn refused(args: &[&str], must_mention: &[&str]) {
-    let out = run(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for m in must_mention {
-        assert!(
-            err.contains(m),
-            "{args:?}: stderr should mention {m:?}: {err}"
-        );
-    }
-}
+use common::{refused, run};
 
 #[test]
 fn match_prints_the_hand_worked_example() {

@@ -3,8 +3,10 @@
 //! cleanly.
 
 use std::path::Path;
-use std::process::Command;
 
+mod common;
+
+use common::refused;
 use pwself_engine::loss::LossKind;
 use pwself_engine::train::{run, RunOptions, TrainConfig, TrainSummary};
 
@@ -117,23 +119,6 @@ fn every_loss_trains_without_non_finite_steps() {
         let s = train(&cfg, None);
         assert_eq!((s.steps, s.skipped_steps), (6, 0), "{kind:?}");
         assert!(s.last_loss.unwrap().is_finite());
-    }
-}
-
-fn refused(args: &[&str], must_mention: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pwself-engine"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    for m in must_mention {
-        assert!(
-            err.contains(m),
-            "{args:?}: stderr should mention {m:?}: {err}"
-        );
     }
 }
 
