@@ -79,29 +79,20 @@ impl Storage {
 pub struct Pack {
     storage: Storage,
     origin: PathBuf,
-    count: usize,
-    height: usize,
-    width: usize,
-    channels: usize,
-    class_names: Vec<String>,
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    pixel_offset: usize,
-    image_len: usize,
-    labels: Vec<u16>,
+    layout: Layout,
 }
 
 impl fmt::Debug for Pack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pack")
             .field("origin", &self.origin)
-            .field("count", &self.count)
-            .field("height", &self.height)
-            .field("width", &self.width)
-            .field("channels", &self.channels)
-            .field("num_classes", &self.class_names.len())
-            .field("mean", &self.mean)
-            .field("std", &self.std)
+            .field("count", &self.layout.count)
+            .field("height", &self.layout.height)
+            .field("width", &self.layout.width)
+            .field("channels", &self.layout.channels)
+            .field("num_classes", &self.layout.class_names.len())
+            .field("mean", &self.layout.mean)
+            .field("std", &self.layout.std)
             .field("in_memory", &matches!(self.storage, Storage::Owned(_)))
             .finish()
     }
@@ -491,54 +482,45 @@ impl Pack {
         Pack::from_bytes(bytes, origin)
     }
 
-    fn assemble(storage: Storage, origin: &Path, l: Layout) -> Pack {
+    fn assemble(storage: Storage, origin: &Path, layout: Layout) -> Pack {
         Pack {
             storage,
             origin: origin.to_path_buf(),
-            count: l.count,
-            height: l.height,
-            width: l.width,
-            channels: l.channels,
-            class_names: l.class_names,
-            mean: l.mean,
-            std: l.std,
-            pixel_offset: l.pixel_offset,
-            image_len: l.image_len,
-            labels: l.labels,
+            layout,
         }
     }
 
     /// Number of images.
     pub fn len(&self) -> usize {
-        self.count
+        self.layout.count
     }
     /// True when the pack holds no image.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.layout.count == 0
     }
     /// Image height in pixels.
     pub fn height(&self) -> usize {
-        self.height
+        self.layout.height
     }
     /// Image width in pixels.
     pub fn width(&self) -> usize {
-        self.width
+        self.layout.width
     }
     /// Channels per pixel: 1 (grey) or 3 (RGB).
     pub fn channels(&self) -> usize {
-        self.channels
+        self.layout.channels
     }
     /// Bytes per image: `height * width * channels`.
     pub fn image_len(&self) -> usize {
-        self.image_len
+        self.layout.image_len
     }
     /// Number of classes (every label is below it).
     pub fn num_classes(&self) -> usize {
-        self.class_names.len()
+        self.layout.class_names.len()
     }
     /// Class names, indexed by label.
     pub fn class_names(&self) -> &[String] {
-        &self.class_names
+        &self.layout.class_names
     }
     /// Image `i`: `height * width * channels` bytes, HWC (row-major, channels last).
     /// A slice of the memory map, never a copy.
@@ -547,44 +529,44 @@ impl Pack {
     /// If `i >= len()` (a programming error, like slice indexing).
     pub fn image(&self, i: usize) -> &[u8] {
         assert!(
-            i < self.count,
+            i < self.layout.count,
             "image index {i} out of range for a pack of {} images",
-            self.count
+            self.layout.count
         );
-        let start = self.pixel_offset + i * self.image_len;
-        &self.storage.bytes()[start..start + self.image_len]
+        let start = self.layout.pixel_offset + i * self.layout.image_len;
+        &self.storage.bytes()[start..start + self.layout.image_len]
     }
     /// All images back to back: `len() * image_len()` bytes.
     pub fn pixels(&self) -> &[u8] {
-        let end = self.pixel_offset + self.count * self.image_len;
-        &self.storage.bytes()[self.pixel_offset..end]
+        let end = self.layout.pixel_offset + self.layout.count * self.layout.image_len;
+        &self.storage.bytes()[self.layout.pixel_offset..end]
     }
     /// Label of image `i`.
     ///
     /// # Panics
     /// If `i >= len()`.
     pub fn label(&self, i: usize) -> u16 {
-        self.labels[i]
+        self.layout.labels[i]
     }
     /// All labels, in image order.
     pub fn labels(&self) -> &[u16] {
-        &self.labels
+        &self.layout.labels
     }
     /// How many images each class has, indexed by label.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.num_classes()];
-        for &l in &self.labels {
+        for &l in &self.layout.labels {
             counts[l as usize] += 1;
         }
         counts
     }
     /// Per-channel mean of pixel/255 over the whole pack (computed by the writer).
     pub fn mean(&self) -> &[f32] {
-        &self.mean
+        &self.layout.mean
     }
     /// Per-channel population standard deviation of pixel/255 over the whole pack.
     pub fn std(&self) -> &[f32] {
-        &self.std
+        &self.layout.std
     }
     /// The path the pack was read from (or named after, for in-memory packs).
     pub fn origin(&self) -> &Path {
@@ -594,13 +576,13 @@ impl Pack {
     pub fn summary(&self) -> PackSummary {
         PackSummary {
             path: self.origin.clone(),
-            count: self.count,
-            height: self.height,
-            width: self.width,
-            channels: self.channels,
-            class_names: self.class_names.clone(),
-            mean: self.mean.clone(),
-            std: self.std.clone(),
+            count: self.layout.count,
+            height: self.layout.height,
+            width: self.layout.width,
+            channels: self.layout.channels,
+            class_names: self.layout.class_names.clone(),
+            mean: self.layout.mean.clone(),
+            std: self.layout.std.clone(),
         }
     }
 }
