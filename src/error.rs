@@ -21,6 +21,13 @@ pub enum Error {
     /// `field` is the name the user wrote (e.g. `--view-sides`, `views.local_scale`).
     #[error("{field}: {reason}")]
     BadConfig { field: String, reason: String },
+    /// No CUDA device can be used: the kernels were not built, libcuda is missing, or no
+    /// GPU is visible. `reason` says which and how to fix it.
+    #[error("no CUDA device: {reason}")]
+    NoCuda { reason: String },
+    /// The CUDA driver or a library failed while doing `what`.
+    #[error("CUDA error in {what}: {reason}")]
+    Cuda { what: String, reason: String },
 }
 
 impl Error {
@@ -43,6 +50,16 @@ impl Error {
         Error::BadConfig {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+}
+
+impl Error {
+    /// A CUDA driver or library failure while doing `what`.
+    pub fn cuda(what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Cuda {
+            what: what.into(),
+            reason: reason.to_string(),
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod eval;

@@ -1,0 +1,162 @@
+//! The GPU parity harness behind `pwself-engine check-kernels`: every kernel against its
+//! CPU twin on fresh random inputs (never zeros), with every output poisoned with NaN before
+//! the launch so that an element the kernel forgot to write fails the check.
+//!
+//! Error measure, per output: `max_i |gpu_i - cpu_i| / max(|cpu_i|, 1e-3 * max_j |cpu_j|)`,
+//! so elements near zero are judged against the output's scale rather than against
+//! themselves. A NaN or infinity where the CPU has a finite value counts as infinite error.
+//! Bounds: ~1e-5 for fp32 kernels, ~1e-2 where an output or input is stored in bf16.
+
+use half::bf16;
+
+use super::context::Gpu;
+use super::pool::Buf;
+use crate::error::Result;
+use crate::rng::{Purpose, Stream};
+
+/// Bound for outputs computed and stored in fp32.
+pub const FP32_BOUND: f64 = 1e-5;
+/// Bound for outputs stored in bf16 (8 bits of mantissa: 2^-8 = 3.9e-3 per rounding).
+pub const BF16_BOUND: f64 = 1e-2;
+
+/// The comparison of one output of one kernel.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// "kernel" or "kernel: output".
+    pub name: String,
+    /// Elements compared.
+    pub elements: usize,
+    /// The error measure above.
+    pub max_rel_err: f64,
+    /// The bound it must stay under.
+    pub bound: f64,
+    /// Index of the worst element, with the GPU and CPU values there.
+    pub worst: Option<(usize, f64, f64)>,
+}
+
+impl Outcome {
+    /// Whether the error is within the bound.
+    pub fn passed(&self) -> bool {
+        self.max_rel_err <= self.bound
+    }
+}
+
+/// Compares `gpu` against `cpu` (same length) with the measure above.
+pub fn compare(name: impl Into<String>, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
+    assert_eq!(gpu.len(), cpu.len(), "compare: lengths differ");
+    let scale = cpu.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+    let floor = (1e-3 * scale).max(f64::MIN_POSITIVE);
+    let mut max = 0.0f64;
+    let mut worst = None;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let (g, c) = (f64::from(g), f64::from(c));
+        let err = if !g.is_finite() && c.is_finite() {
+            f64::INFINITY
+        } else if g == c || (g.is_nan() && c.is_nan()) {
+            0.0
+        } else {
+            (g - c).abs() / c.abs().max(floor)
+        };
+        if err > max || (worst.is_none() && err.is_infinite()) {
+            max = err;
+            worst = Some((i, g, c));
+        }
+    }
+    Outcome {
+        name: name.into(),
+        elements: gpu.len(),
+        max_rel_err: max,
+        bound,
+        worst,
+    }
+}
+
+/// One kernel family's checks: runs its kernels and returns one outcome per output.
+pub type CheckFn = fn(&Gpu, &mut Inputs) -> Result<Vec<Outcome>>;
+
+/// A named check in the registry.
+pub struct KernelCheck {
+    /// The kernel (family) under test.
+    pub name: &'static str,
+    /// What runs it.
+    pub run: CheckFn,
+}
+
+/// Random inputs for checks, from a Philox stream (seeded per check, so a failure
+/// reproduces with the same `--seed`).
+pub struct Inputs {
+    stream: Stream,
+}
+
+impl Inputs {
+    /// The inputs of check number `index` under `seed`.
+    pub fn new(seed: u64, index: u32) -> Inputs {
+        Inputs {
+            stream: Stream::new(seed, [index, 0xC4EC, 0], Purpose::Init),
+        }
+    }
+    /// The underlying stream, for draws of other shapes.
+    pub fn stream(&mut self) -> &mut Stream {
+        &mut self.stream
+    }
+    /// `n` values uniform in [lo, hi), never exactly zero.
+    pub fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| loop {
+                let x = self.stream.uniform(lo, hi);
+                if x != 0.0 {
+                    break x;
+                }
+            })
+            .collect()
+    }
+    /// `n` values from N(0, std^2).
+    pub fn normal(&mut self, n: usize, std: f32) -> Vec<f32> {
+        (0..n).map(|_| self.stream.normal() * std).collect()
+    }
+    /// An integer in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        self.stream.below(n as u64) as usize
+    }
+}
+
+/// `x` rounded to bf16 and back: what the CPU twin must see when the GPU reads bf16.
+pub fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+/// `x` as bf16 (round to nearest even).
+pub fn to_bf16(x: &[f32]) -> Vec<bf16> {
+    x.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// An f32 device buffer holding NaN everywhere.
+pub fn poisoned_f32(gpu: &Gpu, n: usize) -> Result<Buf<f32>> {
+    gpu.pool().upload(&vec![f32::NAN; n])
+}
+
+/// A bf16 device buffer holding NaN everywhere.
+pub fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<Buf<bf16>> {
+    gpu.pool().upload(&vec![bf16::NAN; n])
+}
+
+/// A device buffer's f32 contents.
+pub fn download_f32(buf: &Buf<f32>) -> Result<Vec<f32>> {
+    buf.to_vec()
+}
+
+/// A bf16 device buffer's contents, widened to f32.
+pub fn download_bf16(buf: &Buf<bf16>) -> Result<Vec<f32>> {
+    Ok(buf.to_vec()?.iter().map(|v| v.to_f32()).collect())
+}
+
+/// Every check, in the order `check-kernels` runs them.
+pub fn registry() -> Vec<KernelCheck> {
+    let mut all = Vec::new();
+    all.extend(super::views::checks());
+    all.extend(super::layers::checks());
+    all.extend(super::blas::checks());
+    all.extend(super::ce::checks());
+    all.extend(super::optim::checks());
+    all
+}

@@ -1,0 +1,29 @@
+//! The CUDA backend: kernels compiled from `kernels/*.cu` by build.rs, loaded through the
+//! driver API (cudarc, loaded at run time, so binaries without a GPU still run), and a
+//! launcher per kernel. Every kernel has a CPU twin of the same name in [`crate::cpu`],
+//! [`crate::loss`], [`crate::optim`] or [`crate::views`]; `pwself-engine check-kernels`
+//! compares them on random inputs ([`check`]), and `pwself-engine bench --device cuda`
+//! times them ([`bench`]).
+//!
+//! Kernel families, one `kernels/<family>.cu` and one launcher file each:
+//! - [`views`]: the fused view builder (crop, resize, per-patch photometric augmentation,
+//!   normalisation) from the u8 source batch to the model input;
+//! - [`layers`]: patch-embedding im2col, CLS/position add, layernorm, bias + GELU,
+//!   L2-normalisation and weight norm of the head;
+//! - [`ce`]: the gathered matched-token cross-entropy and the teacher centre;
+//! - [`optim`]: AdamW over the flat buffer, teacher EMA, gradient norm and clipping;
+//! - [`blas`]: GEMMs through cuBLASLt.
+
+pub mod bench;
+pub mod blas;
+pub mod ce;
+pub mod check;
+pub mod context;
+pub mod layers;
+pub mod optim;
+pub mod pool;
+pub mod ptx;
+pub mod views;
+
+pub use context::{cuda_unavailable, Arg, DeviceChoice, Gpu};
+pub use pool::{Buf, Pool, PoolStats};

@@ -1,0 +1,250 @@
+//! A caching device allocator. The first training steps allocate; later steps take blocks
+//! back from the cache, so the step itself never calls cuMemAlloc (the shapes of a step do
+//! not change). Blocks are rounded up to a size class and returned to their class's free
+//! list when a [`Buf`] is dropped.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use crate::error::{Error, Result};
+
+/// Size class of a request: powers of two up to 1 MiB, then multiples of 2 MiB, so a block
+/// wastes at most half of a small request and 2 MiB of a large one.
+pub fn size_class(bytes: usize) -> usize {
+    const MIB: usize = 1 << 20;
+    let bytes = bytes.max(256);
+    if bytes <= MIB {
+        bytes.next_power_of_two()
+    } else {
+        bytes.div_ceil(2 * MIB) * 2 * MIB
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    mallocs: AtomicU64,
+    reuses: AtomicU64,
+    bytes_allocated: AtomicU64,
+}
+
+struct Inner {
+    stream: Arc<CudaStream>,
+    free: Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>,
+    counters: Counters,
+}
+
+/// The allocator; cheap to clone (all clones share one cache).
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// What the allocator has done so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Calls to the driver's allocator.
+    pub mallocs: u64,
+    /// Requests served from the cache.
+    pub reuses: u64,
+    /// Device bytes held, in use or cached.
+    pub bytes_allocated: u64,
+}
+
+impl Pool {
+    /// An empty cache whose blocks are allocated on (and ordered with) `stream`.
+    pub fn new(stream: Arc<CudaStream>) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                stream,
+                free: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// A buffer of `len` elements of `T`, contents undefined.
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<Buf<T>> {
+        let bytes = (len * std::mem::size_of::<T>()).max(1);
+        let class = size_class(bytes);
+        let cached = self
+            .inner
+            .free
+            .lock()
+            .expect("pool lock")
+            .get_mut(&class)
+            .and_then(Vec::pop);
+        let c = &self.inner.counters;
+        let raw = match cached {
+            Some(raw) => {
+                c.reuses.fetch_add(1, Ordering::Relaxed);
+                raw
+            }
+            None => {
+                c.mallocs.fetch_add(1, Ordering::Relaxed);
+                c.bytes_allocated.fetch_add(class as u64, Ordering::Relaxed);
+                // SAFETY: u8 has no invalid bit patterns; contents are documented as undefined.
+                unsafe { self.inner.stream.alloc::<u8>(class) }.map_err(|e| {
+                    Error::cuda(format!("allocating {class} bytes of device memory"), e)
+                })?
+            }
+        };
+        let ptr = {
+            let (p, _guard) = raw.device_ptr(&self.inner.stream);
+            p
+        };
+        Ok(Buf {
+            raw: Some(raw),
+            ptr,
+            len,
+            class,
+            pool: self.clone(),
+            _t: PhantomData,
+        })
+    }
+
+    /// A buffer holding a copy of `host`.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buf<T>> {
+        let mut buf = self.alloc::<T>(host.len())?;
+        buf.copy_from(host)?;
+        Ok(buf)
+    }
+
+    /// Counters since the pool was made.
+    pub fn stats(&self) -> PoolStats {
+        let c = &self.inner.counters;
+        PoolStats {
+            mallocs: c.mallocs.load(Ordering::Relaxed),
+            reuses: c.reuses.load(Ordering::Relaxed),
+            bytes_allocated: c.bytes_allocated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The stream blocks are ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    fn give_back(&self, class: usize, raw: CudaSlice<u8>) {
+        self.inner
+            .free
+            .lock()
+            .expect("pool lock")
+            .entry(class)
+            .or_default()
+            .push(raw);
+    }
+}
+
+/// `len` elements of `T` in device memory, from a [`Pool`]; dropping it returns the block to
+/// the cache. Kernels take it through [`ptr`](Self::ptr).
+pub struct Buf<T> {
+    raw: Option<CudaSlice<u8>>,
+    ptr: u64,
+    len: usize,
+    class: usize,
+    pool: Pool,
+    _t: PhantomData<T>,
+}
+
+impl<T: DeviceRepr> Buf<T> {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether it holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The device address, for kernel arguments.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// The device address of element `i` (`i <= len`).
+    pub fn ptr_at(&self, i: usize) -> u64 {
+        assert!(i <= self.len, "offset {i} past a buffer of {}", self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+
+    fn raw_mut(&mut self) -> &mut CudaSlice<u8> {
+        self.raw.as_mut().expect("a live Buf holds its block")
+    }
+
+    /// Copies `host` (exactly `len` elements) into the buffer, ordered on the pool's stream.
+    pub fn copy_from(&mut self, host: &[T]) -> Result<()> {
+        assert_eq!(
+            host.len(),
+            self.len,
+            "copy of {} elements into a buffer of {}",
+            host.len(),
+            self.len
+        );
+        let stream = self.pool.inner.stream.clone();
+        let len = self.len;
+        // SAFETY: the block holds at least len * size_of::<T>() bytes.
+        let mut view = unsafe { self.raw_mut().transmute_mut::<T>(len) }.expect("block fits");
+        stream
+            .memcpy_htod(host, &mut view)
+            .map_err(|e| Error::cuda("copying to the device", e))
+    }
+
+    /// Copies the buffer into `host` (exactly `len` elements), waiting for the stream.
+    pub fn copy_to(&self, host: &mut [T]) -> Result<()> {
+        assert_eq!(
+            host.len(),
+            self.len,
+            "copy of a buffer of {} into {} elements",
+            self.len,
+            host.len()
+        );
+        let stream = &self.pool.inner.stream;
+        let raw = self.raw.as_ref().expect("a live Buf holds its block");
+        // SAFETY: as in copy_from.
+        let view = unsafe { raw.transmute::<T>(self.len) }.expect("block fits");
+        stream
+            .memcpy_dtoh(&view, host)
+            .map_err(|e| Error::cuda("copying from the device", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| Error::cuda("waiting for a copy from the device", e))
+    }
+
+    /// The buffer's contents on the host.
+    pub fn to_vec(&self) -> Result<Vec<T>>
+    where
+        T: Default + Clone,
+    {
+        let mut v = vec![T::default(); self.len];
+        self.copy_to(&mut v)?;
+        Ok(v)
+    }
+}
+
+impl<T> Drop for Buf<T> {
+    fn drop(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            self.pool.give_back(self.class, raw);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_round_up_and_cover_the_request() {
+        assert_eq!(size_class(1), 256);
+        assert_eq!(size_class(257), 512);
+        assert_eq!(size_class(1 << 20), 1 << 20);
+        assert_eq!(size_class((1 << 20) + 1), 2 << 20);
+        assert_eq!(size_class((2 << 20) + 1), 4 << 20);
+        for bytes in [3usize, 1000, 123_456, 5_000_000, 77_777_777] {
+            let c = size_class(bytes);
+            assert!(c >= bytes && (c <= 2 * bytes.max(256) || c - bytes < 2 << 20));
+        }
+    }
+}
