@@ -31,7 +31,7 @@ command -v gcc >/dev/null || { echo "install-cuda-toolchain: gcc is needed by nv
 
 echo "== installing the CUDA 13.0 compiler from PyPI into $dest"
 rm -rf "$dest"
-python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" "${pins[@]}"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest" "${pins[@]}"
 echo "${pins[*]}" > "$stamp"
 "$nvcc" --version | tail -n 2
 # build.rs watches kernels/: touching it makes the next cargo build compile the kernels.

@@ -13,9 +13,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
+echo "== CUDA toolchain (nvcc 13.0 from PyPI: every kernel is compiled and assembled)"
+scripts/install-cuda-toolchain.sh
+# tests/cuda.rs then insists that the binary carries every kernel module.
+export PWSELF_REQUIRE_KERNELS=1
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --locked "$@"
+echo "== kernel resources (ptxas -v, sm_90 and sm_80)"
+cargo run --locked --quiet -- kernels

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod gpu_cmd;
+
+use gpu_cmd::{BenchArgs, CheckKernelsArgs, DeviceFlag};
 use pwself_engine::data::prepare::PrepareArgs;
 use pwself_engine::loss::LossKind;
 use pwself_engine::model::config::Arch;
@@ -46,6 +49,14 @@ enum Command {
     /// Draw pictures.
     #[command(subcommand)]
     Viz(VizCommand),
+    /// Run every CUDA kernel against its CPU twin on random inputs and print the error of
+    /// each output against its bound (exit 3 when there is no GPU, 1 on any failure).
+    CheckKernels(CheckKernelsArgs),
+    /// Time every CUDA kernel at training shapes (GB/s, TFLOP/s, share of copy bandwidth).
+    Bench(BenchArgs),
+    /// Show how this binary's CUDA kernels were built: nvcc, modules, registers, shared
+    /// memory and spills per kernel, and whether a GPU is usable.
+    Kernels,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +145,9 @@ struct TrainArgs {
     /// Print a JSON summary on stdout at the end (no progress bar).
     #[arg(long)]
     json: bool,
+    /// Backend: cpu, cuda, or auto (the GPU when one is usable, else the CPU, saying so).
+    #[arg(long, value_enum, default_value_t = DeviceFlag::Auto)]
+    device: DeviceFlag,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -205,10 +219,13 @@ fn main() {
         Command::Train(args) => train(&args),
         Command::Match(args) => match_cmd(&args),
         Command::Viz(VizCommand::Matches(args)) => viz_matches(&args),
+        Command::CheckKernels(args) => gpu_cmd::check_kernels(&args),
+        Command::Bench(args) => gpu_cmd::bench_cmd(&args),
+        Command::Kernels => gpu_cmd::kernels(),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(gpu_cmd::exit_code(&e));
     }
 }
 
@@ -299,6 +316,7 @@ fn train(args: &TrainArgs) -> Result<()> {
     if let Some(o) = &args.out {
         cfg.run.out.clone_from(o);
     }
+    gpu_cmd::resolve_train_device(args.device)?;
     set_threads(cfg.run.threads)?;
     let opts = RunOptions {
         resume: args.resume.clone(),

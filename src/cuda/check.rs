@@ -160,3 +160,78 @@ pub fn registry() -> Vec<KernelCheck> {
     all.extend(super::optim::checks());
     all
 }
+
+/// The outcome of one registered check: its outcomes, or the error that stopped it.
+pub struct CheckRun {
+    /// The check's name.
+    pub name: &'static str,
+    /// One outcome per output, or why the check could not run.
+    pub result: Result<Vec<Outcome>>,
+}
+
+/// Runs every check whose name contains `filter` (all when None), each with its own inputs
+/// from `seed`, calling `progress` before each.
+pub fn run_all(
+    gpu: &Gpu,
+    seed: u64,
+    filter: Option<&str>,
+    mut progress: impl FnMut(&str),
+) -> Vec<CheckRun> {
+    registry()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, c)| filter.map_or(true, |f| c.name.contains(f)))
+        .map(|(i, c)| {
+            progress(c.name);
+            let mut inputs = Inputs::new(seed, i as u32);
+            let result = (c.run)(gpu, &mut inputs).and_then(|o| gpu.sync().map(|_| o));
+            CheckRun {
+                name: c.name,
+                result,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_measures_relative_error_with_a_floor_at_the_outputs_scale() {
+        let cpu = [1.0f32, -2.0, 1e-6, 4.0];
+        assert_eq!(compare("same", &cpu, &cpu, 1e-5).max_rel_err, 0.0);
+        // 1% off on the 2.0 element: 0.01.
+        let gpu = [1.0f32, -2.02, 1e-6, 4.0];
+        let o = compare("off", &gpu, &cpu, 1e-5);
+        assert!((o.max_rel_err - 0.01).abs() < 1e-6, "{}", o.max_rel_err);
+        assert!(!o.passed());
+        assert_eq!(o.worst.map(|w| w.0), Some(1));
+        // Near zero the floor (1e-3 * 4.0) is the denominator, not 1e-6.
+        let gpu = [1.0f32, -2.0, 5e-6, 4.0];
+        let o = compare("tiny", &gpu, &cpu, 1e-2);
+        assert!(
+            (o.max_rel_err - 4e-6 / 4e-3).abs() < 1e-6,
+            "{}",
+            o.max_rel_err
+        );
+    }
+
+    #[test]
+    fn an_unwritten_nan_output_fails_with_infinite_error() {
+        let cpu = [1.0f32, 2.0];
+        let gpu = [1.0f32, f32::NAN];
+        let o = compare("poisoned", &gpu, &cpu, 1.0);
+        assert!(o.max_rel_err.is_infinite() && !o.passed());
+        assert_eq!(o.worst.map(|w| w.0), Some(1));
+    }
+
+    #[test]
+    fn inputs_are_reproducible_and_never_zero() {
+        let a = Inputs::new(7, 3).uniform(1000, -1.0, 1.0);
+        let b = Inputs::new(7, 3).uniform(1000, -1.0, 1.0);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|&x| x != 0.0 && (-1.0..1.0).contains(&x)));
+        assert_ne!(a, Inputs::new(7, 4).uniform(1000, -1.0, 1.0));
+    }
+}

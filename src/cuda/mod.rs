@@ -23,6 +23,7 @@ pub mod layers;
 pub mod optim;
 pub mod pool;
 pub mod ptx;
+pub mod upload;
 pub mod views;
 
 pub use context::{cuda_unavailable, Arg, DeviceChoice, Gpu};

@@ -173,6 +173,20 @@ impl<T: DeviceRepr> Buf<T> {
         self.raw.as_mut().expect("a live Buf holds its block")
     }
 
+    /// A typed read-only view of the buffer, for cudarc's copy functions.
+    pub(super) fn view(&self) -> cudarc::driver::CudaView<'_, T> {
+        let raw = self.raw.as_ref().expect("a live Buf holds its block");
+        // SAFETY: the block holds at least len * size_of::<T>() bytes.
+        unsafe { raw.transmute::<T>(self.len) }.expect("block fits")
+    }
+
+    /// A typed view of the buffer, for cudarc's copy functions.
+    pub(super) fn view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
+        let len = self.len;
+        // SAFETY: the block holds at least len * size_of::<T>() bytes.
+        unsafe { self.raw_mut().transmute_mut::<T>(len) }.expect("block fits")
+    }
+
     /// Copies `host` (exactly `len` elements) into the buffer, ordered on the pool's stream.
     pub fn copy_from(&mut self, host: &[T]) -> Result<()> {
         assert_eq!(
@@ -183,9 +197,7 @@ impl<T: DeviceRepr> Buf<T> {
             self.len
         );
         let stream = self.pool.inner.stream.clone();
-        let len = self.len;
-        // SAFETY: the block holds at least len * size_of::<T>() bytes.
-        let mut view = unsafe { self.raw_mut().transmute_mut::<T>(len) }.expect("block fits");
+        let mut view = self.view_mut();
         stream
             .memcpy_htod(host, &mut view)
             .map_err(|e| Error::cuda("copying to the device", e))

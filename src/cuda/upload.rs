@@ -1,0 +1,87 @@
+//! Asynchronous uploads of view batches: the host writes a batch into page-locked (pinned)
+//! memory, the copy stream moves it to the device while the compute stream works on the
+//! previous batch, and the compute stream waits on an event before it reads the new one.
+//! Two pinned slots alternate, so the host can fill one while the other is in flight.
+
+use cudarc::driver::{CudaEvent, PinnedHostSlice};
+
+use super::context::Gpu;
+use super::pool::Buf;
+use crate::error::{Error, Result};
+
+struct Slot {
+    pinned: PinnedHostSlice<u8>,
+    /// Recorded on the copy stream after the slot's last copy: the slot may be refilled once
+    /// it completes.
+    done: CudaEvent,
+}
+
+/// Double-buffered pinned staging for uploads of up to `capacity` bytes each.
+pub struct Uploader {
+    slots: [Slot; 2],
+    next: usize,
+    capacity: usize,
+}
+
+impl Uploader {
+    /// Two pinned slots of `capacity` bytes.
+    pub fn new(gpu: &Gpu, capacity: usize) -> Result<Uploader> {
+        let ctx = gpu.context();
+        let slot = || -> Result<Slot> {
+            // SAFETY: the contents are written before any copy reads them.
+            let pinned = unsafe { ctx.alloc_pinned::<u8>(capacity.max(1)) }.map_err(|e| {
+                Error::cuda(format!("allocating {capacity} bytes of pinned memory"), e)
+            })?;
+            let done = ctx
+                .new_event(None)
+                .map_err(|e| Error::cuda("creating an event", e))?;
+            Ok(Slot { pinned, done })
+        };
+        Ok(Uploader {
+            slots: [slot()?, slot()?],
+            next: 0,
+            capacity,
+        })
+    }
+
+    /// Largest upload, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Copies `bytes` into the next pinned slot (waiting until that slot's previous copy has
+    /// finished), enqueues its copy to `dst` on the copy stream, and makes the compute stream
+    /// wait for it: kernels launched afterwards see the data; the host returns at once.
+    pub fn upload(&mut self, gpu: &Gpu, bytes: &[u8], dst: &mut Buf<u8>) -> Result<()> {
+        assert!(
+            bytes.len() <= self.capacity && dst.len() == bytes.len(),
+            "upload of {} bytes into a slot of {} and a buffer of {}",
+            bytes.len(),
+            self.capacity,
+            dst.len()
+        );
+        let slot = &mut self.slots[self.next];
+        self.next ^= 1;
+        slot.done
+            .synchronize()
+            .map_err(|e| Error::cuda("waiting for a pinned slot", e))?;
+        let host = slot
+            .pinned
+            .as_mut_slice()
+            .map_err(|e| Error::cuda("mapping a pinned slot", e))?;
+        host[..bytes.len()].copy_from_slice(bytes);
+        let copy = gpu.copy_stream();
+        let mut view = dst.view_mut();
+        // A view of exactly the batch's bytes (the slot may be larger).
+        let src = &host[..bytes.len()];
+        // Pinned memory is what makes this copy asynchronous; cudarc takes it as a host slice.
+        copy.memcpy_htod(src, &mut view)
+            .map_err(|e| Error::cuda("uploading a batch", e))?;
+        slot.done
+            .record(copy)
+            .map_err(|e| Error::cuda("recording an upload event", e))?;
+        gpu.stream()
+            .wait(&slot.done)
+            .map_err(|e| Error::cuda("ordering compute after an upload", e))
+    }
+}

@@ -1,0 +1,201 @@
+//! The GPU subcommands: `check-kernels`, `bench` and `kernels`, and `--device` resolution.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use pwself_engine::cuda::{self, bench, check, cuda_unavailable, DeviceChoice, Gpu};
+use pwself_engine::error::Error;
+
+/// Exit status of `check-kernels` and `bench --device cuda` when there is no usable GPU
+/// (distinct from 1, a failure).
+pub const EXIT_NO_CUDA: i32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceFlag {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl From<DeviceFlag> for DeviceChoice {
+    fn from(d: DeviceFlag) -> DeviceChoice {
+        match d {
+            DeviceFlag::Cpu => DeviceChoice::Cpu,
+            DeviceFlag::Cuda => DeviceChoice::Cuda,
+            DeviceFlag::Auto => DeviceChoice::Auto,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CheckKernelsArgs {
+    /// Seed of the random inputs (a failure reproduces with the same seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Only the checks whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Where to run: cuda times every kernel; the CPU's benchmarks are criterion's
+    /// (`cargo bench`).
+    #[arg(long, value_enum, default_value_t = DeviceFlag::Cuda)]
+    device: DeviceFlag,
+    /// Timed runs per case (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Only the cases whose name or family contains this.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Also write the table to this markdown file.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+}
+
+/// Which backend a training run uses, saying so on stderr when `auto` falls back.
+pub fn resolve_train_device(flag: DeviceFlag) -> Result<()> {
+    match DeviceChoice::from(flag) {
+        DeviceChoice::Cpu => Ok(()),
+        DeviceChoice::Cuda => {
+            if let Some(reason) = cuda_unavailable() {
+                return Err(Error::NoCuda { reason }.into());
+            }
+            bail!(
+                "--device cuda: the kernels are here (check-kernels, bench) but the GPU training \
+                 step is not assembled yet; train with --device cpu"
+            )
+        }
+        DeviceChoice::Auto => {
+            match cuda_unavailable() {
+                Some(reason) => eprintln!("device: cpu (no CUDA device: {reason})"),
+                None => eprintln!("device: cpu (a GPU is present, but the GPU training step is not assembled yet)"),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open(ordinal: usize) -> Result<Gpu> {
+    let gpu = Gpu::open(ordinal)?;
+    let mem = gpu.total_memory().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let (major, minor) = gpu.capability();
+    println!(
+        "device {ordinal}: {} (compute capability {major}.{minor}, {mem:.0} GiB)",
+        gpu.name()
+    );
+    Ok(gpu)
+}
+
+/// `check-kernels`: every kernel against its CPU twin; non-zero exit on any failure.
+pub fn check_kernels(args: &CheckKernelsArgs) -> Result<()> {
+    let gpu = open(args.gpu)?;
+    println!(
+        "error = max |gpu - cpu| / max(|cpu|, 1e-3 max|cpu|) per output; outputs poisoned with NaN before each launch; seed {}",
+        args.seed
+    );
+    let runs = check::run_all(&gpu, args.seed, args.filter.as_deref(), |_| {});
+    if runs.is_empty() {
+        bail!(
+            "--filter {:?}: no check matches",
+            args.filter.as_deref().unwrap_or("")
+        );
+    }
+    let mut failed = 0;
+    let mut total = 0;
+    for run in &runs {
+        println!("{}", run.name);
+        match &run.result {
+            Ok(outcomes) => {
+                for o in outcomes {
+                    total += 1;
+                    let verdict = if o.passed() { "ok  " } else { "FAIL" };
+                    if !o.passed() {
+                        failed += 1;
+                    }
+                    let worst = o
+                        .worst
+                        .filter(|_| !o.passed())
+                        .map(|(i, g, c)| format!("  (worst at {i}: gpu {g:e}, cpu {c:e})"))
+                        .unwrap_or_default();
+                    println!(
+                        "  {verdict} {:<56} {:>9} elems  err {:.2e}  bound {:.0e}{worst}",
+                        o.name, o.elements, o.max_rel_err, o.bound
+                    );
+                }
+            }
+            Err(e) => {
+                total += 1;
+                failed += 1;
+                println!("  FAIL could not run: {e}");
+            }
+        }
+    }
+    println!("{} passed, {} failed", total - failed, failed);
+    if failed > 0 {
+        bail!("{failed} kernel output(s) out of bounds or failed to run");
+    }
+    Ok(())
+}
+
+/// `bench`: times every kernel at training shapes.
+pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
+    if args.device == DeviceFlag::Cpu {
+        bail!(
+            "--device cpu: the CPU benchmarks are criterion's: cargo bench --bench train_step \
+             (or --bench views)"
+        );
+    }
+    let gpu = open(args.gpu)?;
+    let report = bench::run(&gpu, args.iters, args.filter.as_deref(), |name| {
+        eprintln!("  timing {name}")
+    })?;
+    let table = bench::to_markdown(&report);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{table}");
+    }
+    if let Some(path) = &args.out {
+        std::fs::write(path, &table)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `kernels`: how this binary's kernels were built and what each uses.
+pub fn kernels() -> Result<()> {
+    match cuda::ptx::NVCC {
+        None => println!("no kernels: {}", cuda::ptx::NOT_BUILT),
+        Some(nvcc) => {
+            println!("kernels compiled by {nvcc}");
+            let names: Vec<&str> = cuda::ptx::MODULES.iter().map(|m| m.name).collect();
+            println!("modules: {}", names.join(", "));
+            print!("{}", cuda::ptx::PTXAS_REPORT);
+        }
+    }
+    match cuda_unavailable() {
+        None => println!("a CUDA device is available"),
+        Some(r) => println!("no CUDA device: {r}"),
+    }
+    Ok(())
+}
+
+/// The exit status for an error: EXIT_NO_CUDA when it is "no usable GPU", else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<Error>() {
+        Some(Error::NoCuda { .. }) => EXIT_NO_CUDA,
+        _ => 1,
+    }
+}
