@@ -153,6 +153,7 @@ pub fn download_bf16(buf: &Buf<bf16>) -> Result<Vec<f32>> {
 /// Every check, in the order `check-kernels` runs them.
 pub fn registry() -> Vec<KernelCheck> {
     let mut all = Vec::new();
+    all.extend(super::upload::checks());
     all.extend(super::views::checks());
     all.extend(super::layers::checks());
     all.extend(super::blas::checks());

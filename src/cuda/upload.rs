@@ -85,3 +85,49 @@ impl Uploader {
             .map_err(|e| Error::cuda("ordering compute after an upload", e))
     }
 }
+
+/// The check of the staging path: batches of random bytes through both pinned slots (so
+/// each slot is reused while the other may be in flight) must arrive byte for byte.
+pub fn checks() -> Vec<super::check::KernelCheck> {
+    vec![super::check::KernelCheck {
+        name: "upload (pinned double-buffered staging on the copy stream)",
+        run: check_upload,
+    }]
+}
+
+fn check_upload(
+    gpu: &Gpu,
+    inputs: &mut super::check::Inputs,
+) -> Result<Vec<super::check::Outcome>> {
+    // A batch of 224x224 RGB bytes plus an odd tail, so no copy is a whole number of words.
+    let n = 3 * 224 * 224 * 64 + 7;
+    let mut uploader = Uploader::new(gpu, n)?;
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        let bytes: Vec<u8> = (0..n).map(|_| inputs.stream().next_u32() as u8).collect();
+        // Poisoned destination: a byte the copy skips keeps 0xAA (a 1-in-256 chance of
+        // matching by accident per byte, never for a whole skipped range).
+        let mut dst = gpu.pool().upload(&vec![0xAAu8; n])?;
+        uploader.upload(gpu, &bytes, &mut dst)?;
+        sent.push((bytes, dst));
+    }
+    gpu.sync()?;
+    let mut mismatches = 0usize;
+    let mut worst = None;
+    for (bytes, dst) in &sent {
+        let got = dst.to_vec()?;
+        for (i, (g, w)) in got.iter().zip(bytes).enumerate() {
+            if g != w {
+                mismatches += 1;
+                worst.get_or_insert((i, f64::from(*g), f64::from(*w)));
+            }
+        }
+    }
+    Ok(vec![super::check::Outcome {
+        name: "upload: 4 batches through 2 slots, every byte".to_string(),
+        elements: 4 * n,
+        max_rel_err: if mismatches == 0 { 0.0 } else { f64::INFINITY },
+        bound: 0.0,
+        worst,
+    }])
+}
