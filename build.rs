@@ -9,6 +9,10 @@
 //! assemble, or that spills registers to local memory, fails the build.
 //!
 //! A `.cu` file may pass extra nvcc flags on a line `// nvcc-flags: ...` among its first ten.
+//!
+//! Independently of nvcc, when a C++ compiler is found, every `.cu` is also compiled as plain
+//! C++ against `kernels/emu/cuda_emu.h` into the CPU emulator (`check-kernels --emulate`),
+//! and `cfg(pwself_emu)` is set.
 
 use std::env;
 use std::fmt::Write as _;
@@ -48,6 +52,186 @@ fn main() {
         }
     };
     fs::write(out.join("kernels.rs"), generated).expect("write $OUT_DIR/kernels.rs");
+
+    println!("cargo::rustc-check-cfg=cfg(pwself_emu)");
+    println!("cargo:rerun-if-env-changed=CXX");
+    println!("cargo:rerun-if-env-changed=PWSELF_REQUIRE_KERNELS");
+    if cxx_works() {
+        match build_emulator(&kernels, &sources, &out) {
+            Ok(()) => println!("cargo:rustc-cfg=pwself_emu"),
+            // CI (scripts/test.sh) sets PWSELF_REQUIRE_KERNELS: there a kernel the emulator
+            // cannot compile fails the build; elsewhere the build goes on without it.
+            Err(e) if env::var_os("PWSELF_REQUIRE_KERNELS").is_some() => {
+                panic!("the kernel emulator does not compile: {e}")
+            }
+            Err(e) => println!("cargo:warning=kernel emulator not built (check-kernels --emulate unavailable): {e}"),
+        }
+    } else {
+        println!("cargo:warning=no C++ compiler: the CUDA kernel emulator (check-kernels --emulate) is not built");
+    }
+}
+
+fn cxx_works() -> bool {
+    let cxx = env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    Command::new(cxx)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The `extern "C"` kernels of a source: the identifier before the `(` of every
+/// `extern "C" ... __global__ ... name(`.
+fn kernel_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for (at, _) in text.match_indices("extern \"C\"") {
+        // Inside a #define the name is a macro parameter: such kernels cannot be found here
+        // (the PTX cross-check in build_emulator reports them).
+        let line_end = text[at..].find('\n').map_or(text.len(), |e| at + e);
+        if text[..line_end].trim_end().ends_with('\\') {
+            continue;
+        }
+        let rest = &text[at..];
+        // The name is the identifier before the first `(` that does not open an attribute
+        // such as __launch_bounds__(256).
+        let mut from = 0;
+        let name = loop {
+            let Some(p) = rest[from..].find('(').map(|p| p + from) else {
+                break None;
+            };
+            let head = &rest[..p];
+            if head.contains(';') || head.contains('{') {
+                break None;
+            }
+            let ident: String = head
+                .trim_end()
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if ident.starts_with("__") && ident.ends_with("__") {
+                match rest[p..].find(')') {
+                    Some(close) => from = p + close + 1,
+                    None => break None,
+                }
+                continue;
+            }
+            break head.contains("__global__").then_some(ident);
+        };
+        if let Some(name) = name.filter(|n| !n.is_empty()) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// `extern __shared__ [__align__(n)] T name[];` becomes a pointer to the emulator's dynamic
+/// shared memory (C++ has no such declaration).
+fn rewrite_dynamic_shared(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let t = line.trim_start();
+        if let Some(decl) = t.strip_prefix("extern __shared__") {
+            let decl = decl.split(';').next().unwrap_or("").trim();
+            let decl = match decl.strip_prefix("__align__(") {
+                Some(r) => r.split_once(')').map_or(decl, |(_, r)| r.trim()),
+                None => decl,
+            };
+            if let Some(open) = decl.rfind('[') {
+                let (ty_name, _) = decl.split_at(open);
+                let ty_name = ty_name.trim();
+                if let Some(sp) = ty_name.rfind(|c: char| c.is_whitespace() || c == '*') {
+                    let (ty, name) = ty_name.split_at(sp + 1);
+                    let _ = writeln!(
+                        out,
+                        "{ty}* {name} = reinterpret_cast<{ty}*>(::emu::dynamic_shared());",
+                        ty = ty.trim(),
+                        name = name.trim()
+                    );
+                    continue;
+                }
+            }
+            panic!("kernels: cannot emulate the declaration `{t}`: write it as `extern __shared__ T name[];`");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) -> Result<(), String> {
+    let emu_dir = out.join("emu");
+    fs::create_dir_all(&emu_dir).expect("create $OUT_DIR/emu");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .debug(false)
+        .warnings(false)
+        .flag("-w")
+        .flag("-fno-strict-aliasing")
+        .include(kernels.join("emu"))
+        .include(kernels);
+    let mut all_names: Vec<(String, String)> = Vec::new();
+    let mut register_all = String::from("extern \"C\" {\n");
+    let mut calls = String::new();
+    for src in sources {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 kernel name");
+        let text =
+            fs::read_to_string(src).unwrap_or_else(|e| panic!("read {}: {e}", src.display()));
+        let names = kernel_names(&text);
+        // Every kernel nvcc compiled must be registered with the emulator.
+        if let Ok(ptx) = fs::read_to_string(out.join("ptx").join(format!("{stem}.sm_90.ptx"))) {
+            for entry in ptx
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+            {
+                let entry = entry.split('(').next().unwrap_or("").trim();
+                if !names.iter().any(|n| n == entry) {
+                    return Err(format!(
+                        "kernel {entry} of {stem}.cu is not written as `extern \"C\" __global__ void {entry}(` \
+                         outside a macro, so the emulator cannot register it"
+                    ));
+                }
+            }
+        }
+        for n in &names {
+            if let Some((_, other)) = all_names.iter().find(|(m, _)| m == n) {
+                panic!("kernel {n} is defined in both {other}.cu and {stem}.cu: kernel names must be unique");
+            }
+            all_names.push((n.clone(), stem.to_string()));
+        }
+        let mut unit = format!(
+            "#include \"cuda_emu.h\"\n#line 1 \"{}\"\n{}\n",
+            src.display(),
+            rewrite_dynamic_shared(&text)
+        );
+        let _ = writeln!(unit, "extern \"C\" void pwself_emu_register_{stem}() {{");
+        for n in &names {
+            let _ = writeln!(unit, "    EMU_REGISTER({n})");
+        }
+        unit.push_str("}\n");
+        let path = emu_dir.join(format!("{stem}.cpp"));
+        fs::write(&path, unit).expect("write emulator unit");
+        build.file(&path);
+        let _ = writeln!(register_all, "void pwself_emu_register_{stem}();");
+        let _ = writeln!(calls, "    pwself_emu_register_{stem}();");
+    }
+    let _ = write!(
+        register_all,
+        "void pwself_emu_register_all() {{\n{calls}}}\n}}\n"
+    );
+    let reg = emu_dir.join("register_all.cpp");
+    fs::write(&reg, register_all).expect("write emulator registry");
+    build.file(&reg);
+    build.file(kernels.join("emu/emu_runtime.cpp"));
+    build.try_compile("pwself_emu").map_err(|e| e.to_string())
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {

@@ -39,6 +39,11 @@ pub struct CheckKernelsArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Run the kernels on the CPU emulator instead of a GPU (every kernel compiled as C++
+    /// with CUDA's block, barrier, shared-memory and shuffle semantics): checks their logic
+    /// on machines without a GPU, not their speed or the hardware's behaviour.
+    #[arg(long)]
+    emulate: bool,
 }
 
 #[derive(clap::Args)]
@@ -100,12 +105,20 @@ fn open(ordinal: usize) -> Result<Gpu> {
 
 /// `check-kernels`: every kernel against its CPU twin; non-zero exit on any failure.
 pub fn check_kernels(args: &CheckKernelsArgs) -> Result<()> {
-    let gpu = open(args.gpu)?;
+    let gpu = if args.emulate {
+        let gpu = Gpu::emulated()?;
+        println!("device: {}", gpu.name());
+        gpu
+    } else {
+        open(args.gpu)?
+    };
     println!(
         "error = max |gpu - cpu| / max(|cpu|, 1e-3 max|cpu|) per output; outputs poisoned with NaN before each launch; seed {}",
         args.seed
     );
-    let runs = check::run_all(&gpu, args.seed, args.filter.as_deref(), |_| {});
+    let runs = check::run_all(&gpu, args.seed, args.filter.as_deref(), |name| {
+        eprintln!("  running {name}")
+    });
     if runs.is_empty() {
         bail!(
             "--filter {:?}: no check matches",

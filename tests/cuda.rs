@@ -71,3 +71,19 @@ fn bench_and_train_on_cuda_without_a_gpu_say_so() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cargo bench"));
 }
+
+/// Every kernel against its CPU twin on the CPU emulator: the kernels' logic (indexing,
+/// reductions, barriers, what is written where) checked on every CI run, without a GPU.
+#[test]
+fn every_kernel_matches_its_cpu_twin_on_the_emulator() {
+    let out = run(&["check-kernels", "--emulate"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if std::env::var_os("PWSELF_REQUIRE_KERNELS").is_none() && err.contains("no kernel emulator") {
+        eprintln!("skipped: built without a C++ compiler (scripts/test.sh requires the emulator)");
+        return;
+    }
+    assert!(out.status.success(), "check-kernels --emulate failed:\n{text}\n{err}");
+    assert!(text.contains(" passed, 0 failed"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}

@@ -75,7 +75,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn time_runs(gpu: &Gpu, iters: usize, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     use crate::error::Error;
     use cudarc::driver::sys::CUevent_flags;
-    let ctx = gpu.context();
+    let ctx = gpu.context()?;
+    let stream = gpu.stream()?;
     let event = || {
         ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| Error::cuda("creating a timing event", e))
@@ -88,10 +89,10 @@ fn time_runs(gpu: &Gpu, iters: usize, run: &mut dyn FnMut() -> Result<()>) -> Re
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters.max(1) {
         start
-            .record(gpu.stream())
+            .record(stream)
             .map_err(|e| Error::cuda("recording an event", e))?;
         run()?;
-        end.record(gpu.stream())
+        end.record(stream)
             .map_err(|e| Error::cuda("recording an event", e))?;
         end.synchronize()
             .map_err(|e| Error::cuda("waiting for an event", e))?;
@@ -109,10 +110,13 @@ pub fn copy_bandwidth(gpu: &Gpu, iters: usize) -> Result<f64> {
     let n = 1usize << 30;
     let src = gpu.pool().alloc::<u8>(n)?;
     let mut dst = gpu.pool().alloc::<u8>(n)?;
-    let stream = gpu.stream().clone();
+    let stream = gpu.stream()?.clone();
     let us = time_runs(gpu, iters, &mut || {
+        let (Some(src), Some(mut dst)) = (src.view(), dst.view_mut()) else {
+            return Err(Error::cuda("a device-to-device copy", "host buffers"));
+        };
         stream
-            .memcpy_dtod(&src.view(), &mut dst.view_mut())
+            .memcpy_dtod(&src, &mut dst)
             .map_err(|e| Error::cuda("a device-to-device copy", e))
     })?;
     Ok(2.0 * n as f64 / (us * 1e-6) / 1e9)
@@ -125,6 +129,12 @@ pub fn run(
     filter: Option<&str>,
     mut progress: impl FnMut(&str),
 ) -> Result<BenchReport> {
+    if gpu.is_emulated() {
+        return Err(crate::error::Error::cuda(
+            "bench",
+            "the CPU emulator checks logic, not speed: run bench on a GPU",
+        ));
+    }
     progress("copy bandwidth");
     let copy_gb_s = copy_bandwidth(gpu, iters)?;
     let mut results = Vec::new();

@@ -110,20 +110,34 @@ pub fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// An open GPU: context, compute stream, copy stream, loaded kernels and the caching
-/// allocator. All kernels run on the compute stream, in order.
-pub struct Gpu {
+/// The driver-side objects of a real GPU.
+struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     copy_stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+}
+
+/// An open GPU: context, compute stream, copy stream, loaded kernels and the caching
+/// allocator. All kernels run on the compute stream, in order. Or the CPU emulator
+/// ([`Gpu::emulated`]): the same kernels compiled as C++, launched on host memory.
+pub struct Gpu {
+    /// None under the emulator.
+    device: Option<Device>,
     pool: Pool,
     name: String,
     capability: (i32, i32),
     /// Synchronise and check for errors after every launch (debug builds, or
     /// PWSELF_CUDA_SYNC=1).
     check_each_launch: bool,
+}
+
+fn no_device_part(what: &str) -> Error {
+    Error::cuda(
+        what,
+        "the CPU emulator has no CUDA streams or context (a real GPU is needed)",
+    )
 }
 
 impl Gpu {
@@ -175,17 +189,43 @@ impl Gpu {
             || std::env::var_os("PWSELF_CUDA_SYNC").is_some_and(|v| v == "1");
         Ok(Gpu {
             pool: Pool::new(stream.clone()),
-            ctx,
-            stream,
-            copy_stream,
-            modules,
-            functions: Mutex::new(HashMap::new()),
+            device: Some(Device {
+                ctx,
+                stream,
+                copy_stream,
+                modules,
+                functions: Mutex::new(HashMap::new()),
+            }),
             name,
             capability,
             check_each_launch,
         })
     }
 
+    /// The CPU emulator: every kernel compiled as C++ by build.rs (kernels/emu/), run with
+    /// CUDA's block, barrier, shared-memory and shuffle semantics on host memory. It checks
+    /// the kernels' logic on machines without a GPU; it says nothing about speed.
+    pub fn emulated() -> Result<Gpu> {
+        if !super::emu::AVAILABLE {
+            return Err(Error::NoCuda {
+                reason: "this binary was built without a C++ compiler, so it has no kernel \
+                         emulator: install g++ and cargo build again"
+                    .to_string(),
+            });
+        }
+        Ok(Gpu {
+            device: None,
+            pool: Pool::host(),
+            name: "CPU emulator (the kernels compiled as C++; logic only, no timing)".to_string(),
+            capability: (9, 0),
+            check_each_launch: false,
+        })
+    }
+
+    /// Whether this is the CPU emulator.
+    pub fn is_emulated(&self) -> bool {
+        self.device.is_none()
+    }
     /// The card's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
@@ -196,40 +236,58 @@ impl Gpu {
     }
     /// Total device memory in bytes.
     pub fn total_memory(&self) -> Result<usize> {
-        self.ctx
+        self.context()?
             .total_mem()
             .map_err(|e| Error::cuda("reading the memory size", e))
     }
-    /// The context.
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// The context (an error under the emulator).
+    pub fn context(&self) -> Result<&Arc<CudaContext>> {
+        self.device
+            .as_ref()
+            .map(|d| &d.ctx)
+            .ok_or_else(|| no_device_part("the context"))
     }
-    /// The compute stream.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// The compute stream (an error under the emulator).
+    pub fn stream(&self) -> Result<&Arc<CudaStream>> {
+        self.device
+            .as_ref()
+            .map(|d| &d.stream)
+            .ok_or_else(|| no_device_part("the compute stream"))
     }
-    /// The stream uploads run on.
-    pub fn copy_stream(&self) -> &Arc<CudaStream> {
-        &self.copy_stream
+    /// The stream uploads run on (an error under the emulator).
+    pub fn copy_stream(&self) -> Result<&Arc<CudaStream>> {
+        self.device
+            .as_ref()
+            .map(|d| &d.copy_stream)
+            .ok_or_else(|| no_device_part("the copy stream"))
     }
     /// The caching allocator.
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
-    /// Waits for the compute stream.
+    /// Waits for the compute stream (nothing to wait for under the emulator).
     pub fn sync(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| Error::cuda("waiting for the GPU", e))
+        match &self.device {
+            Some(d) => d
+                .stream
+                .synchronize()
+                .map_err(|e| Error::cuda("waiting for the GPU", e)),
+            None => Ok(()),
+        }
     }
 
     /// Kernel `kernel` of `kernels/<module>.cu`.
-    pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().expect("function cache lock");
+    fn function(
+        &self,
+        d: &Device,
+        module: &'static str,
+        kernel: &'static str,
+    ) -> Result<CudaFunction> {
+        let mut cache = d.functions.lock().expect("function cache lock");
         if let Some(f) = cache.get(&(module, kernel)) {
             return Ok(f.clone());
         }
-        let m = self.modules.get(module).ok_or_else(|| {
+        let m = d.modules.get(module).ok_or_else(|| {
             Error::cuda(
                 format!("kernel {module}::{kernel}"),
                 "no such module in this binary",
@@ -244,6 +302,7 @@ impl Gpu {
 
     /// Launches `module::kernel` on the compute stream. In debug builds (or with
     /// PWSELF_CUDA_SYNC=1) it then waits and reports a failure under the kernel's name.
+    /// Under the emulator the kernel runs to completion before this returns.
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number and type, and every address must
@@ -255,8 +314,11 @@ impl Gpu {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
-        let f = self.function(module, kernel)?;
-        let mut b = self.stream.launch_builder(&f);
+        let Some(d) = &self.device else {
+            return super::emu::launch(module, kernel, cfg, args);
+        };
+        let f = self.function(d, module, kernel)?;
+        let mut b = d.stream.launch_builder(&f);
         for a in args {
             match a {
                 Arg::Ptr(p) | Arg::U64(p) => b.arg(p),
@@ -268,7 +330,7 @@ impl Gpu {
         b.launch(cfg)
             .map_err(|e| Error::cuda(format!("launching {module}::{kernel}"), e))?;
         if self.check_each_launch {
-            self.stream
+            d.stream
                 .synchronize()
                 .map_err(|e| Error::cuda(format!("running {module}::{kernel}"), e))?;
         }

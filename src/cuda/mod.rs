@@ -19,6 +19,7 @@ pub mod blas;
 pub mod ce;
 pub mod check;
 pub mod context;
+pub mod emu;
 pub mod layers;
 pub mod optim;
 pub mod pool;

@@ -2,6 +2,9 @@
 //! back from the cache, so the step itself never calls cuMemAlloc (the shapes of a step do
 //! not change). Blocks are rounded up to a size class and returned to their class's free
 //! list when a [`Buf`] is dropped.
+//!
+//! Under the CPU emulator (`Gpu::emulated`) blocks are host memory, and a buffer's address is
+//! an ordinary pointer that the emulated kernels dereference.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -31,9 +34,29 @@ struct Counters {
     bytes_allocated: AtomicU64,
 }
 
+/// A block of memory: on the device, or (emulator) on the host, 16-byte aligned.
+enum Block {
+    Device(CudaSlice<u8>),
+    Host(Vec<u128>),
+}
+
+impl Block {
+    fn address(&self, stream: Option<&Arc<CudaStream>>) -> u64 {
+        match self {
+            Block::Device(raw) => {
+                let stream = stream.expect("device blocks come from a device pool");
+                let (p, _guard) = raw.device_ptr(stream);
+                p
+            }
+            Block::Host(v) => v.as_ptr() as u64,
+        }
+    }
+}
+
 struct Inner {
-    stream: Arc<CudaStream>,
-    free: Mutex<HashMap<usize, Vec<CudaSlice<u8>>>>,
+    /// The compute stream; None for the emulator's host pool.
+    stream: Option<Arc<CudaStream>>,
+    free: Mutex<HashMap<usize, Vec<Block>>>,
     counters: Counters,
 }
 
@@ -57,6 +80,15 @@ pub struct PoolStats {
 impl Pool {
     /// An empty cache whose blocks are allocated on (and ordered with) `stream`.
     pub fn new(stream: Arc<CudaStream>) -> Pool {
+        Pool::with_stream(Some(stream))
+    }
+
+    /// An empty cache of host blocks, for the CPU emulator.
+    pub fn host() -> Pool {
+        Pool::with_stream(None)
+    }
+
+    fn with_stream(stream: Option<Arc<CudaStream>>) -> Pool {
         Pool {
             inner: Arc::new(Inner {
                 stream,
@@ -86,16 +118,19 @@ impl Pool {
             None => {
                 c.mallocs.fetch_add(1, Ordering::Relaxed);
                 c.bytes_allocated.fetch_add(class as u64, Ordering::Relaxed);
-                // SAFETY: u8 has no invalid bit patterns; contents are documented as undefined.
-                unsafe { self.inner.stream.alloc::<u8>(class) }.map_err(|e| {
-                    Error::cuda(format!("allocating {class} bytes of device memory"), e)
-                })?
+                match &self.inner.stream {
+                    // SAFETY: u8 has no invalid bit patterns; contents are documented as
+                    // undefined.
+                    Some(stream) => {
+                        Block::Device(unsafe { stream.alloc::<u8>(class) }.map_err(|e| {
+                            Error::cuda(format!("allocating {class} bytes of device memory"), e)
+                        })?)
+                    }
+                    None => Block::Host(vec![0u128; class / 16]),
+                }
             }
         };
-        let ptr = {
-            let (p, _guard) = raw.device_ptr(&self.inner.stream);
-            p
-        };
+        let ptr = raw.address(self.inner.stream.as_ref());
         Ok(Buf {
             raw: Some(raw),
             ptr,
@@ -123,12 +158,12 @@ impl Pool {
         }
     }
 
-    /// The stream blocks are ordered on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+    /// The stream blocks are ordered on (None under the emulator).
+    pub fn stream(&self) -> Option<&Arc<CudaStream>> {
+        self.inner.stream.as_ref()
     }
 
-    fn give_back(&self, class: usize, raw: CudaSlice<u8>) {
+    fn give_back(&self, class: usize, raw: Block) {
         self.inner
             .free
             .lock()
@@ -142,7 +177,7 @@ impl Pool {
 /// `len` elements of `T` in device memory, from a [`Pool`]; dropping it returns the block to
 /// the cache. Kernels take it through [`ptr`](Self::ptr).
 pub struct Buf<T> {
-    raw: Option<CudaSlice<u8>>,
+    raw: Option<Block>,
     ptr: u64,
     len: usize,
     class: usize,
@@ -169,22 +204,29 @@ impl<T: DeviceRepr> Buf<T> {
         self.ptr + (i * std::mem::size_of::<T>()) as u64
     }
 
-    fn raw_mut(&mut self) -> &mut CudaSlice<u8> {
-        self.raw.as_mut().expect("a live Buf holds its block")
+    fn device_block(&self) -> Option<&CudaSlice<u8>> {
+        match self.raw.as_ref().expect("a live Buf holds its block") {
+            Block::Device(raw) => Some(raw),
+            Block::Host(_) => None,
+        }
     }
 
-    /// A typed read-only view of the buffer, for cudarc's copy functions.
-    pub(super) fn view(&self) -> cudarc::driver::CudaView<'_, T> {
-        let raw = self.raw.as_ref().expect("a live Buf holds its block");
+    /// A typed read-only view of the buffer, for cudarc's copy functions (None for host
+    /// blocks).
+    pub(super) fn view(&self) -> Option<cudarc::driver::CudaView<'_, T>> {
         // SAFETY: the block holds at least len * size_of::<T>() bytes.
-        unsafe { raw.transmute::<T>(self.len) }.expect("block fits")
+        self.device_block()
+            .map(|raw| unsafe { raw.transmute::<T>(self.len) }.expect("block fits"))
     }
 
-    /// A typed view of the buffer, for cudarc's copy functions.
-    pub(super) fn view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
+    /// A typed view of the buffer, for cudarc's copy functions (None for host blocks).
+    pub(super) fn view_mut(&mut self) -> Option<cudarc::driver::CudaViewMut<'_, T>> {
         let len = self.len;
-        // SAFETY: the block holds at least len * size_of::<T>() bytes.
-        unsafe { self.raw_mut().transmute_mut::<T>(len) }.expect("block fits")
+        match self.raw.as_mut().expect("a live Buf holds its block") {
+            // SAFETY: the block holds at least len * size_of::<T>() bytes.
+            Block::Device(raw) => Some(unsafe { raw.transmute_mut::<T>(len) }.expect("block fits")),
+            Block::Host(_) => None,
+        }
     }
 
     /// Copies `host` (exactly `len` elements) into the buffer, ordered on the pool's stream.
@@ -197,10 +239,19 @@ impl<T: DeviceRepr> Buf<T> {
             self.len
         );
         let stream = self.pool.inner.stream.clone();
-        let mut view = self.view_mut();
-        stream
-            .memcpy_htod(host, &mut view)
-            .map_err(|e| Error::cuda("copying to the device", e))
+        match (stream, self.view_mut()) {
+            (Some(stream), Some(mut view)) => stream
+                .memcpy_htod(host, &mut view)
+                .map_err(|e| Error::cuda("copying to the device", e)),
+            _ => {
+                // SAFETY: a host block of at least len * size_of::<T>() bytes at self.ptr, not
+                // aliased by `host`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(host.as_ptr(), self.ptr as *mut T, self.len)
+                };
+                Ok(())
+            }
+        }
     }
 
     /// Copies the buffer into `host` (exactly `len` elements), waiting for the stream.
@@ -212,16 +263,23 @@ impl<T: DeviceRepr> Buf<T> {
             self.len,
             host.len()
         );
-        let stream = &self.pool.inner.stream;
-        let raw = self.raw.as_ref().expect("a live Buf holds its block");
-        // SAFETY: as in copy_from.
-        let view = unsafe { raw.transmute::<T>(self.len) }.expect("block fits");
-        stream
-            .memcpy_dtoh(&view, host)
-            .map_err(|e| Error::cuda("copying from the device", e))?;
-        stream
-            .synchronize()
-            .map_err(|e| Error::cuda("waiting for a copy from the device", e))
+        match (self.pool.inner.stream.as_ref(), self.view()) {
+            (Some(stream), Some(view)) => {
+                stream
+                    .memcpy_dtoh(&view, host)
+                    .map_err(|e| Error::cuda("copying from the device", e))?;
+                stream
+                    .synchronize()
+                    .map_err(|e| Error::cuda("waiting for a copy from the device", e))
+            }
+            _ => {
+                // SAFETY: as in copy_from.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.ptr as *const T, host.as_mut_ptr(), self.len)
+                };
+                Ok(())
+            }
+        }
     }
 
     /// The buffer's contents on the host.

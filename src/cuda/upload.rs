@@ -16,9 +16,11 @@ struct Slot {
     done: CudaEvent,
 }
 
-/// Double-buffered pinned staging for uploads of up to `capacity` bytes each.
+/// Double-buffered pinned staging for uploads of up to `capacity` bytes each (under the
+/// emulator, a plain copy).
 pub struct Uploader {
-    slots: [Slot; 2],
+    /// None under the emulator.
+    slots: Option<[Slot; 2]>,
     next: usize,
     capacity: usize,
 }
@@ -26,7 +28,14 @@ pub struct Uploader {
 impl Uploader {
     /// Two pinned slots of `capacity` bytes.
     pub fn new(gpu: &Gpu, capacity: usize) -> Result<Uploader> {
-        let ctx = gpu.context();
+        if gpu.is_emulated() {
+            return Ok(Uploader {
+                slots: None,
+                next: 0,
+                capacity,
+            });
+        }
+        let ctx = gpu.context()?;
         let slot = || -> Result<Slot> {
             // SAFETY: the contents are written before any copy reads them.
             let pinned = unsafe { ctx.alloc_pinned::<u8>(capacity.max(1)) }.map_err(|e| {
@@ -38,7 +47,7 @@ impl Uploader {
             Ok(Slot { pinned, done })
         };
         Ok(Uploader {
-            slots: [slot()?, slot()?],
+            slots: Some([slot()?, slot()?]),
             next: 0,
             capacity,
         })
@@ -60,7 +69,10 @@ impl Uploader {
             self.capacity,
             dst.len()
         );
-        let slot = &mut self.slots[self.next];
+        let Some(slots) = &mut self.slots else {
+            return dst.copy_from(bytes);
+        };
+        let slot = &mut slots[self.next];
         self.next ^= 1;
         slot.done
             .synchronize()
@@ -70,8 +82,8 @@ impl Uploader {
             .as_mut_slice()
             .map_err(|e| Error::cuda("mapping a pinned slot", e))?;
         host[..bytes.len()].copy_from_slice(bytes);
-        let copy = gpu.copy_stream();
-        let mut view = dst.view_mut();
+        let copy = gpu.copy_stream()?;
+        let mut view = dst.view_mut().expect("device pools hold device blocks");
         // A view of exactly the batch's bytes (the slot may be larger).
         let src = &host[..bytes.len()];
         // Pinned memory is what makes this copy asynchronous; cudarc takes it as a host slice.
@@ -80,7 +92,7 @@ impl Uploader {
         slot.done
             .record(copy)
             .map_err(|e| Error::cuda("recording an upload event", e))?;
-        gpu.stream()
+        gpu.stream()?
             .wait(&slot.done)
             .map_err(|e| Error::cuda("ordering compute after an upload", e))
     }
