@@ -426,7 +426,7 @@ fn parse_ptxas(text: &str) -> Vec<FunctionResources> {
         line[..at]
             .split(|c: char| !c.is_ascii_digit())
             .filter(|s| !s.is_empty())
-            .last()
+            .next_back()
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };

@@ -44,16 +44,21 @@ impl Outcome {
 /// Compares `gpu` against `cpu` (same length) with the measure above.
 pub fn compare(name: impl Into<String>, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
     assert_eq!(gpu.len(), cpu.len(), "compare: lengths differ");
-    let scale = cpu.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+    // The scale comes from the finite CPU values, so one infinity cannot hide the rest.
+    let scale = cpu
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
     let floor = (1e-3 * scale).max(f64::MIN_POSITIVE);
     let mut max = 0.0f64;
     let mut worst = None;
     for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
         let (g, c) = (f64::from(g), f64::from(c));
-        let err = if !g.is_finite() && c.is_finite() {
-            f64::INFINITY
-        } else if g == c || (g.is_nan() && c.is_nan()) {
+        let err = if g == c || (g.is_nan() && c.is_nan()) {
             0.0
+        } else if !g.is_finite() || !c.is_finite() {
+            // A NaN or infinity on one side only, or infinities of opposite signs.
+            f64::INFINITY
         } else {
             (g - c).abs() / c.abs().max(floor)
         };
@@ -225,6 +230,16 @@ mod tests {
         let o = compare("poisoned", &gpu, &cpu, 1.0);
         assert!(o.max_rel_err.is_infinite() && !o.passed());
         assert_eq!(o.worst.map(|w| w.0), Some(1));
+    }
+
+    #[test]
+    fn infinities_must_match_and_do_not_hide_other_errors() {
+        let cpu = [f32::INFINITY, 1.0, 2.0];
+        assert_eq!(compare("same inf", &cpu, &cpu, 0.0).max_rel_err, 0.0);
+        let o = compare("finite vs inf", &[1e30, 1.0, 2.0], &cpu, 1.0);
+        assert!(o.max_rel_err.is_infinite());
+        let o = compare("other error", &[f32::INFINITY, 1.5, 2.0], &cpu, 1e-5);
+        assert!((o.max_rel_err - 0.5).abs() < 1e-9, "{}", o.max_rel_err);
     }
 
     #[test]
