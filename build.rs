@@ -425,8 +425,7 @@ fn parse_ptxas(text: &str) -> Vec<FunctionResources> {
         };
         line[..at]
             .split(|c: char| !c.is_ascii_digit())
-            .filter(|s| !s.is_empty())
-            .next_back()
+            .rfind(|s| !s.is_empty())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
