@@ -186,26 +186,32 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) -> Result<(),
         let text =
             fs::read_to_string(src).unwrap_or_else(|e| panic!("read {}: {e}", src.display()));
         let names = kernel_names(&text);
-        // Every kernel nvcc compiled must be registered with the emulator.
+        // Every kernel nvcc compiled must be registered with the emulator, which takes each
+        // kernel's block-size limit from the PTX (.maxntid, from __launch_bounds__).
+        let mut max_threads: Vec<(String, u32)> = Vec::new();
         if let Ok(ptx) = fs::read_to_string(out.join("ptx").join(format!("{stem}.sm_90.ptx"))) {
-            for entry in ptx
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
-            {
-                let entry = entry.split('(').next().unwrap_or("").trim();
-                if !names.iter().any(|n| n == entry) {
-                    return Err(format!(
-                        "kernel {entry} of {stem}.cu is not written as `extern \"C\" __global__ void {entry}(` \
-                         outside a macro, so the emulator cannot register it"
-                    ));
+            let mut current: Option<String> = None;
+            for line in ptx.lines().map(str::trim) {
+                if let Some(entry) = line.strip_prefix(".visible .entry ") {
+                    let entry = entry.split('(').next().unwrap_or("").trim().to_string();
+                    if !names.iter().any(|n| *n == entry) {
+                        return Err(format!(
+                            "kernel {entry} of {stem}.cu is not written as `extern \"C\" __global__ void {entry}(` \
+                             outside a macro, so the emulator cannot register it"
+                        ));
+                    }
+                    current = Some(entry);
+                } else if let (Some(dims), Some(entry)) = (line.strip_prefix(".maxntid "), &current)
+                {
+                    let product = dims
+                        .split(',')
+                        .map(|d| d.trim().parse::<u32>().unwrap_or(1))
+                        .product();
+                    max_threads.push((entry.clone(), product));
+                } else if line.starts_with('{') {
+                    current = None;
                 }
             }
-        }
-        for n in &names {
-            if let Some((_, other)) = all_names.iter().find(|(m, _)| m == n) {
-                panic!("kernel {n} is defined in both {other}.cu and {stem}.cu: kernel names must be unique");
-            }
-            all_names.push((n.clone(), stem.to_string()));
         }
         let mut unit = format!(
             "#include \"cuda_emu.h\"\n#line 1 \"{}\"\n{}\n",
@@ -214,7 +220,11 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) -> Result<(),
         );
         let _ = writeln!(unit, "extern \"C\" void pwself_emu_register_{stem}() {{");
         for n in &names {
-            let _ = writeln!(unit, "    EMU_REGISTER({n})");
+            let limit = max_threads
+                .iter()
+                .find(|(m, _)| m == n)
+                .map_or(1024, |(_, t)| *t);
+            let _ = writeln!(unit, "    EMU_REGISTER({n}, {limit})");
         }
         unit.push_str("}\n");
         let path = emu_dir.join(format!("{stem}.cpp"));

@@ -17,10 +17,8 @@
 
 // ---- helpers ---------------------------------------------------------------------------
 
-// Exact IEEE operations, one rounding each, never fused. nvcc: the _rn intrinsics. The CPU
-// emulator (kernels/emu, plain C++ without fp contraction) lacks some of them; there the
-// plain operators are the same operations.
-#ifdef __CUDACC__
+// Exact IEEE operations, one rounding each, never fused: the _rn intrinsics (the CPU
+// emulator implements them as the plain operators, which it never contracts).
 static __device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
 static __device__ __forceinline__ double rn_sub(double a, double b) { return __dsub_rn(a, b); }
 static __device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
@@ -29,23 +27,6 @@ static __device__ __forceinline__ double rn_sqrt(double a) { return __dsqrt_rn(a
 static __device__ __forceinline__ float rn_f32(double a) { return __double2float_rn(a); }
 static __device__ __forceinline__ float rn_addf(float a, float b) { return __fadd_rn(a, b); }
 static __device__ __forceinline__ float rn_mulf(float a, float b) { return __fmul_rn(a, b); }
-#else
-static inline double rn_add(double a, double b) { return a + b; }
-static inline double rn_sub(double a, double b) { return a - b; }
-static inline double rn_mul(double a, double b) { return a * b; }
-static inline double rn_div(double a, double b) { return a / b; }
-static inline double rn_sqrt(double a) { return sqrt(a); }
-static inline float rn_f32(double a) { return (float)a; }
-static inline float rn_addf(float a, float b) { return a + b; }
-static inline float rn_mulf(float a, float b) { return a * b; }
-#endif
-
-// The f64 whose bits a kernel argument carries (the launcher's Arg has no f64).
-static __device__ __forceinline__ double f64_from_bits(unsigned long long bits) {
-    double d;
-    memcpy(&d, &bits, 8);
-    return d;
-}
 
 static __device__ __forceinline__ double warp_sum_f64(double x) {
 #pragma unroll
@@ -128,24 +109,21 @@ static __device__ double powi_like_host(double a, int b) {
 // One thread: unless the step is skipped, counts the step (`*step += 1`, the device copy
 // of AdamW::step) and writes the scalars of AdamW::step for it. The step count lives on the
 // device so that a skipped step (known only on the device) does not count, as on the CPU.
-// beta1, beta2, eps come as the bits of f64 values.
 extern "C" __global__ void adamw_prepare(unsigned long long* __restrict__ step,
                                          double* __restrict__ s, const float* __restrict__ skip,
-                                         float lr, float wd, unsigned long long b1_bits,
-                                         unsigned long long b2_bits, unsigned long long eps_bits) {
+                                         float lr, float wd, double b1, double b2,
+                                         double eps) {
     if (blockIdx.x != 0 || threadIdx.x != 0 || skipped(skip)) return;
     const unsigned long long t = *step + 1ull;
     *step = t;
     const int ti = t > 2147483647ull ? 2147483647 : (int)t;  // i32::try_from(step)
-    const double b1 = f64_from_bits(b1_bits);
-    const double b2 = f64_from_bits(b2_bits);
     const double lr_d = (double)lr;
     const double lr_wd = rn_mul(lr_d, (double)wd);
     s[S_B1] = b1;
     s[S_OMB1] = rn_sub(1.0, b1);
     s[S_B2] = b2;
     s[S_OMB2] = rn_sub(1.0, b2);
-    s[S_EPS] = f64_from_bits(eps_bits);
+    s[S_EPS] = eps;
     s[S_STEP_SIZE] = rn_div(lr_d, rn_sub(1.0, powi_like_host(b1, ti)));
     s[S_BC2_SQRT] = rn_sqrt(rn_sub(1.0, powi_like_host(b2, ti)));
     s[S_KEEP0] = rn_sub(1.0, rn_mul(lr_wd, 0.0));

@@ -83,7 +83,10 @@ fn every_kernel_matches_its_cpu_twin_on_the_emulator() {
         eprintln!("skipped: built without a C++ compiler (scripts/test.sh requires the emulator)");
         return;
     }
-    assert!(out.status.success(), "check-kernels --emulate failed:\n{text}\n{err}");
+    assert!(
+        out.status.success(),
+        "check-kernels --emulate failed:\n{text}\n{err}"
+    );
     assert!(text.contains(" passed, 0 failed"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
 }

@@ -135,6 +135,9 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 inline double __drcp_rn(double x) { return 1.0 / x; }
+inline float __double2float_rn(double x) { return (float)x; }
+inline double __int2double_rn(int x) { return (double)x; }
+inline double __ull2double_rn(unsigned long long x) { return (double)x; }
 inline double __dsqrt_rn(double x) { return sqrt(x); }
 inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
 inline double cospi(double x) { return cos(x * 3.14159265358979323846); }
@@ -196,11 +199,25 @@ template <class T> inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old ==
 
 #include "cuda_bf16.h"
 
-// Registration of extern "C" kernels, for the launcher (emu_runtime.cpp).
+// Registration of extern "C" kernels, for the launcher (emu_runtime.cpp). Each kernel is
+// registered with its parameters' kinds and sizes, which every launch is checked against:
+// the emulator reads each argument from an 8-byte slot, so without this a 4-byte value passed
+// for an 8-byte parameter would work here and fail on the GPU.
 namespace emu {
 typedef void (*Invoker)(void** args);
-void register_kernel(const char* name, Invoker invoke);
+enum ArgKind { KIND_POINTER = 0, KIND_INTEGER = 1, KIND_FLOAT = 2 };
+struct Signature {
+    int count;
+    const int* kinds;
+    const int* sizes;
+};
+void register_kernel(const char* name, Invoker invoke, Signature sig, int max_threads);
 
+template <class T>
+constexpr int kind_of() {
+    return std::is_pointer_v<T> ? KIND_POINTER
+                                : (std::is_floating_point_v<T> ? KIND_FLOAT : KIND_INTEGER);
+}
 template <class... A, size_t... I>
 inline void call_with(void (*k)(A...), void** args, std::index_sequence<I...>) {
     k(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(args[I])...);
@@ -210,8 +227,13 @@ struct Registrar;
 template <class... A, void (*K)(A...)>
 struct Registrar<K> {
     static void invoke(void** args) { call_with(K, args, std::index_sequence_for<A...>{}); }
+    static constexpr int kinds[sizeof...(A) + 1] = {kind_of<std::remove_cv_t<A>>()..., -1};
+    static constexpr int sizes[sizeof...(A) + 1] = {(int)sizeof(A)..., 0};
+    static Signature signature() { return Signature{(int)sizeof...(A), kinds, sizes}; }
 };
 }  // namespace emu
 // build.rs appends to each emulated kernels/<name>.cu a function that registers its
-// extern "C" kernels with EMU_REGISTER; the launcher calls them all before the first launch.
-#define EMU_REGISTER(name) ::emu::register_kernel(#name, &::emu::Registrar<&name>::invoke);
+// extern "C" kernels, with the block-size limit of their __launch_bounds__ (from the PTX's
+// .maxntid when nvcc built it, else 1024); the launcher calls them all before the first launch.
+#define EMU_REGISTER(name, max_threads) \
+    ::emu::register_kernel(#name, &::emu::Registrar<&name>::invoke, ::emu::Registrar<&name>::signature(), max_threads);

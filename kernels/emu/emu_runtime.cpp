@@ -35,8 +35,13 @@ struct Launch {
 };
 Launch* g_launch = nullptr;
 
-std::map<std::string, Invoker>& registry() {
-    static std::map<std::string, Invoker> r;
+struct Registered {
+    Invoker invoke;
+    Signature sig;
+    int max_threads;
+};
+std::map<std::string, Registered>& registry() {
+    static std::map<std::string, Registered> r;
     return r;
 }
 
@@ -112,7 +117,9 @@ std::string run_block(Launch& l) {
 }
 }  // namespace
 
-void register_kernel(const char* name, Invoker invoke) { registry()[name] = invoke; }
+void register_kernel(const char* name, Invoker invoke, Signature sig, int max_threads) {
+    registry()[name] = Registered{invoke, sig, max_threads};
+}
 void syncthreads() { yield_with(AT_BLOCK_BARRIER); }
 void syncwarp() { yield_with(AT_WARP_BARRIER); }
 unsigned lane() {
@@ -128,7 +135,8 @@ void* dynamic_shared() { return g_launch->dyn_smem.data(); }
 extern "C" void pwself_emu_register_all();
 
 extern "C" int pwself_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
-                                 unsigned shared_bytes, void** args, char* err, size_t err_len) {
+                                 unsigned shared_bytes, void** args, const int* kinds,
+                                 const int* sizes, int nargs, char* err, size_t err_len) {
     auto fail = [&](const std::string& m) {
         snprintf(err, err_len, "%s", m.c_str());
         return 1;
@@ -137,12 +145,35 @@ extern "C" int pwself_emu_launch(const char* name, const unsigned grid[3], const
     (void)registered;
     auto it = emu::registry().find(name);
     if (it == emu::registry().end()) return fail(std::string("no kernel named ") + name);
+    const emu::Registered& k = it->second;
+    static const char* kind_names[] = {"pointer", "integer", "float"};
+    if (nargs != k.sig.count)
+        return fail(std::string(name) + ": " + std::to_string(nargs) + " arguments passed, the kernel takes " +
+                    std::to_string(k.sig.count));
+    for (int a = 0; a < nargs; a++) {
+        if (kinds[a] != k.sig.kinds[a] || sizes[a] != k.sig.sizes[a])
+            return fail(std::string(name) + ": argument " + std::to_string(a) + " is a " +
+                        std::to_string(sizes[a]) + "-byte " + kind_names[kinds[a] % 3] +
+                        " but the parameter is a " + std::to_string(k.sig.sizes[a]) + "-byte " +
+                        kind_names[k.sig.kinds[a] % 3]);
+    }
     const size_t threads = (size_t)block[0] * block[1] * block[2];
     if (threads == 0 || threads > 1024) return fail("block size must be 1..1024 threads");
+    if ((int)threads > k.max_threads)
+        return fail(std::string(name) + ": " + std::to_string(threads) +
+                    " threads per block, more than its __launch_bounds__ (" +
+                    std::to_string(k.max_threads) + "): the GPU would refuse the launch");
     if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return fail("empty grid");
+    // The hardware's limits, so that a launch the GPU would refuse fails here too.
+    if (grid[1] > 65535 || grid[2] > 65535) return fail("grid y and z are at most 65535 blocks");
+    if (block[0] > 1024 || block[1] > 1024 || block[2] > 64)
+        return fail("block dimensions are at most 1024 x 1024 x 64");
+    if (shared_bytes > 48 * 1024)
+        return fail("more than 48 KiB of dynamic shared memory needs cuFuncSetAttribute, which "
+                    "the launcher does not call");
 
     emu::Launch l;
-    l.invoke = it->second;
+    l.invoke = k.invoke;
     l.args = args;
     l.fibers.resize(threads);
     l.exchange.assign((threads + 31) / 32 * 32, 0);

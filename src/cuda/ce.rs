@@ -440,7 +440,7 @@ pub fn update_center(
                 momentum.into(),
                 (1.0 - momentum).into(),
                 // A double parameter: its 8 bytes, as the kernel reads them.
-                Arg::U64((1.0 / (shape.views * shape.batch) as f64).to_bits()),
+                Arg::F64(1.0 / (shape.views * shape.batch) as f64),
             ],
         )
     }

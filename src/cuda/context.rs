@@ -73,7 +73,10 @@ pub enum Arg {
     I32(i32),
     U32(u32),
     F32(f32),
+    /// An unsigned 64-bit integer (`unsigned long long`, `size_t`).
     U64(u64),
+    /// A `double`.
+    F64(f64),
 }
 
 impl From<i32> for Arg {
@@ -325,6 +328,7 @@ impl Gpu {
                 Arg::I32(x) => b.arg(x),
                 Arg::U32(x) => b.arg(x),
                 Arg::F32(x) => b.arg(x),
+                Arg::F64(x) => b.arg(x),
             };
         }
         b.launch(cfg)

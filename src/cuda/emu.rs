@@ -18,6 +18,9 @@ extern "C" {
         block: *const u32,
         shared_bytes: u32,
         args: *mut *mut std::ffi::c_void,
+        kinds: *const i32,
+        sizes: *const i32,
+        nargs: i32,
         err: *mut std::ffi::c_char,
         err_len: usize,
     ) -> i32;
@@ -39,8 +42,21 @@ pub unsafe fn launch(module: &str, kernel: &str, cfg: LaunchConfig, args: &[Arg]
             Arg::I32(x) => u64::from(x as u32),
             Arg::U32(x) => u64::from(x),
             Arg::F32(x) => u64::from(x.to_bits()),
+            Arg::F64(x) => x.to_bits(),
         })
         .collect();
+    // What each argument is, for the emulator to check against the kernel's parameters
+    // (kinds as in cuda_emu.h: 0 pointer, 1 integer, 2 float).
+    let (kinds, sizes): (Vec<i32>, Vec<i32>) = args
+        .iter()
+        .map(|a| match a {
+            Arg::Ptr(_) => (0, 8),
+            Arg::U64(_) => (1, 8),
+            Arg::I32(_) | Arg::U32(_) => (1, 4),
+            Arg::F32(_) => (2, 4),
+            Arg::F64(_) => (2, 8),
+        })
+        .unzip();
     let mut ptrs: Vec<*mut std::ffi::c_void> =
         slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
     let name = std::ffi::CString::new(kernel).expect("kernel names have no NUL");
@@ -53,6 +69,9 @@ pub unsafe fn launch(module: &str, kernel: &str, cfg: LaunchConfig, args: &[Arg]
         block.as_ptr(),
         cfg.shared_mem_bytes,
         ptrs.as_mut_ptr(),
+        kinds.as_ptr(),
+        sizes.as_ptr(),
+        args.len() as i32,
         err.as_mut_ptr().cast(),
         err.len(),
     );

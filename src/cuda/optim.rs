@@ -366,9 +366,9 @@ impl DeviceAdamW {
                     Arg::Ptr(skip),
                     Arg::F32(lr),
                     Arg::F32(wd),
-                    Arg::U64(self.beta1.to_bits()),
-                    Arg::U64(self.beta2.to_bits()),
-                    Arg::U64(self.eps.to_bits()),
+                    Arg::F64(self.beta1),
+                    Arg::F64(self.beta2),
+                    Arg::F64(self.eps),
                 ],
             )?;
         }
