@@ -186,6 +186,14 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) -> Result<(),
         let text =
             fs::read_to_string(src).unwrap_or_else(|e| panic!("read {}: {e}", src.display()));
         let names = kernel_names(&text);
+        for n in &names {
+            if let Some((_, other)) = all_names.iter().find(|(m, _)| m == n) {
+                return Err(format!(
+                    "kernel {n} is defined in both {other}.cu and {stem}.cu: kernel names must be unique"
+                ));
+            }
+            all_names.push((n.clone(), stem.to_string()));
+        }
         // Every kernel nvcc compiled must be registered with the emulator, which takes each
         // kernel's block-size limit from the PTX (.maxntid, from __launch_bounds__).
         let mut max_threads: Vec<(String, u32)> = Vec::new();
@@ -194,7 +202,7 @@ fn build_emulator(kernels: &Path, sources: &[PathBuf], out: &Path) -> Result<(),
             for line in ptx.lines().map(str::trim) {
                 if let Some(entry) = line.strip_prefix(".visible .entry ") {
                     let entry = entry.split('(').next().unwrap_or("").trim().to_string();
-                    if !names.iter().any(|n| *n == entry) {
+                    if !names.contains(&entry) {
                         return Err(format!(
                             "kernel {entry} of {stem}.cu is not written as `extern \"C\" __global__ void {entry}(` \
                              outside a macro, so the emulator cannot register it"
