@@ -6,8 +6,8 @@
 # `bench --device cuda` (per-kernel time, GB/s and TFLOP/s against the measured copy
 # bandwidth and matmul peak), and writes one markdown report, gpu-check-<date>-<card>.md,
 # with the commit it measured. Budget: under 6 minutes (each step has its own timeout).
-# Build the binary first on any machine: cargo build --release (with the CUDA toolchain
-# from scripts/install-cuda-toolchain.sh, so that it carries kernels).
+# Build the binary first on any machine: scripts/build-gpu-binary.sh (release, with the
+# kernels, the commit recorded, stripped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +23,8 @@ for lib in libcuda.so.1 libcublasLt.so.13 libcublasLt.so; do
     p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1 == l { print $NF; exit }')
     [ -n "$p" ] && add_dir "$(dirname "$p")"
 done
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64; do
-    [ -d "$d" ] && ls "$d"/libcublasLt.so* >/dev/null 2>&1 && add_dir "$d"
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+    [ -d "$d" ] && ls "$d"/libcublasLt.so* "$d"/libcuda.so* >/dev/null 2>&1 && add_dir "$d"
 done
 if command -v python3 >/dev/null; then
     while IFS= read -r d; do [ -n "$d" ] && add_dir "$d"; done < <(python3 - <<'PY' 2>/dev/null
@@ -42,9 +42,10 @@ fi
 export LD_LIBRARY_PATH
 echo "CUDA library folders added: ${found[*]:-(none)}"
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-dirty=$(git status --porcelain 2>/dev/null | grep -v '^??' | head -1)
-[ -n "$dirty" ] && commit="$commit (with uncommitted changes)"
+# The commit the binary was built from (scripts/build-gpu-binary.sh records it), and the
+# working tree's, which may differ.
+commit=$("$bin" kernels 2>/dev/null | sed -n 's/^source commit: //p')
+tree=$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 slug=$(echo "${card:-unknown}" | tr ' ' '-' | tr -cd 'A-Za-z0-9-' | sed 's/^NVIDIA-//')
 report="$dir/$(date -u +%Y-%m-%d)-gpu-check-${slug:-unknown}.md"
@@ -53,7 +54,8 @@ log="$dir/gpu-check.log"
 {
     echo "# GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), ${card:-no card found}"
     echo
-    echo "- commit: $commit"
+    echo "- binary built from commit: ${commit:-unknown}"
+    echo "- working tree: $tree"
     echo "- binary: $bin ($("$bin" --version 2>/dev/null))"
     echo "- command: scripts/gpu-check.sh"
     echo "- CUDA library folders added to LD_LIBRARY_PATH: ${found[*]:-(none)}"
@@ -75,7 +77,8 @@ echo "== check-kernels"
     echo "## check-kernels"
     echo '```'
 } >> "$report"
-timeout 150 "$bin" check-kernels 2>&1 | tee -a "$log" >> "$report"
+# Synchronise after every launch, so that a fault is reported under its kernel's name.
+PWSELF_CUDA_SYNC=1 timeout 150 "$bin" check-kernels 2>&1 | tee -a "$log" >> "$report"
 check_rc=${PIPESTATUS[0]}
 {
     echo '```'

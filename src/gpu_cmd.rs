@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use pwself_engine::cuda::{self, bench, check, cuda_unavailable, DeviceChoice, Gpu};
 use pwself_engine::error::Error;
@@ -55,10 +55,14 @@ pub struct BenchArgs {
     /// Timed runs per case (the median is reported).
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    /// Only the cases whose name or family contains this.
+    /// Only these families (views, layers, blas, ce, optim; repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    family: Vec<String>,
+    /// Only the cases whose name contains this.
     #[arg(long)]
     filter: Option<String>,
-    /// Also write the table to this markdown file.
+    /// Also write the table to this markdown file (rewritten after every case, so a run
+    /// that is stopped keeps what it measured).
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
     /// Print the report as JSON instead of a table.
@@ -116,27 +120,18 @@ pub fn check_kernels(args: &CheckKernelsArgs) -> Result<()> {
         "error = max |gpu - cpu| / max(|cpu|, 1e-3 max|cpu|) per output; outputs poisoned with NaN before each launch; seed {}",
         args.seed
     );
-    let runs = check::run_all(&gpu, args.seed, args.filter.as_deref(), |name| {
-        eprintln!("  running {name}")
-    });
-    if runs.is_empty() {
-        bail!(
-            "--filter {:?}: no check matches",
-            args.filter.as_deref().unwrap_or("")
-        );
-    }
     let mut failed = 0;
     let mut total = 0;
-    for run in &runs {
+    let ran = check::run_all(&gpu, args.seed, args.filter.as_deref(), |run| {
         println!("{}", run.name);
         match &run.result {
             Ok(outcomes) => {
                 for o in outcomes {
                     total += 1;
-                    let verdict = if o.passed() { "ok  " } else { "FAIL" };
                     if !o.passed() {
                         failed += 1;
                     }
+                    let verdict = if o.passed() { "ok  " } else { "FAIL" };
                     let worst = o
                         .worst
                         .filter(|_| !o.passed())
@@ -154,12 +149,17 @@ pub fn check_kernels(args: &CheckKernelsArgs) -> Result<()> {
                 println!("  FAIL could not run: {e}");
             }
         }
-    }
+    });
     println!("{} passed, {} failed", total - failed, failed);
-    if failed > 0 {
-        bail!("{failed} kernel output(s) out of bounds or failed to run");
+    match ran {
+        Ok(0) => bail!(
+            "--filter {:?}: no check matches",
+            args.filter.as_deref().unwrap_or("")
+        ),
+        Ok(_) if failed > 0 => bail!("{failed} kernel output(s) out of bounds or failed to run"),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// `bench`: times every kernel at training shapes.
@@ -170,25 +170,54 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
              (or --bench views)"
         );
     }
+    let known: Vec<&str> = bench::registry().iter().map(|(f, _)| *f).collect();
+    if let Some(bad) = args.family.iter().find(|f| !known.contains(&f.as_str())) {
+        bail!(
+            "--family {bad:?}: not a family; use one of {}",
+            known.join(", ")
+        );
+    }
     let gpu = open(args.gpu)?;
-    let report = bench::run(&gpu, args.iters, args.filter.as_deref(), |name| {
-        eprintln!("  timing {name}")
-    })?;
-    let table = bench::to_markdown(&report);
+    let mut write_error = None;
+    let report = bench::run(
+        &gpu,
+        args.iters,
+        &args.family,
+        args.filter.as_deref(),
+        |name| eprintln!("  timing {name}"),
+        |partial| {
+            if let Some(path) = &args.out {
+                if let Err(e) = std::fs::write(path, bench::to_markdown(partial)) {
+                    write_error = Some(format!("{}: cannot write: {e}", path.display()));
+                }
+            }
+        },
+    )?;
+    if let Some(e) = write_error {
+        bail!(e);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{table}");
+        print!("{}", bench::to_markdown(&report));
     }
-    if let Some(path) = &args.out {
-        std::fs::write(path, &table)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
+    let failed = report.results.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        bail!("{failed} bench case(s) failed (see the table)");
     }
     Ok(())
 }
 
+/// The commit this binary was built from, when its builder said
+/// (scripts/build-gpu-binary.sh sets PWSELF_COMMIT).
+pub const SOURCE_COMMIT: &str = match option_env!("PWSELF_COMMIT") {
+    Some(c) => c,
+    None => "unknown (build with scripts/build-gpu-binary.sh to record it)",
+};
+
 /// `kernels`: how this binary's kernels were built and what each uses.
 pub fn kernels() -> Result<()> {
+    println!("source commit: {SOURCE_COMMIT}");
     match cuda::ptx::NVCC {
         None => println!("no kernels: {}", cuda::ptx::NOT_BUILT),
         Some(nvcc) => {

@@ -176,27 +176,53 @@ pub struct CheckRun {
 }
 
 /// Runs every check whose name contains `filter` (all when None), each with its own inputs
-/// from `seed`, calling `progress` before each.
+/// from `seed`, handing each result to `report` as soon as it is known. The pool runs in
+/// guard mode: a kernel that writes past the end of a buffer adds a failing outcome. Stops
+/// early when the GPU context is lost (an error that every later launch would repeat), and
+/// returns how many checks ran.
 pub fn run_all(
     gpu: &Gpu,
     seed: u64,
     filter: Option<&str>,
-    mut progress: impl FnMut(&str),
-) -> Vec<CheckRun> {
-    registry()
-        .into_iter()
-        .enumerate()
-        .filter(|(_, c)| filter.map_or(true, |f| c.name.contains(f)))
-        .map(|(i, c)| {
-            progress(c.name);
-            let mut inputs = Inputs::new(seed, i as u32);
-            let result = (c.run)(gpu, &mut inputs).and_then(|o| gpu.sync().map(|_| o));
-            CheckRun {
-                name: c.name,
-                result,
-            }
-        })
-        .collect()
+    mut report: impl FnMut(&CheckRun),
+) -> Result<usize> {
+    gpu.pool().set_guard(true);
+    let mut ran = 0;
+    for (i, c) in registry().into_iter().enumerate() {
+        if !filter.map_or(true, |f| c.name.contains(f)) {
+            continue;
+        }
+        let before = gpu.pool().stats().guard_violations;
+        let mut inputs = Inputs::new(seed, i as u32);
+        let mut result = (c.run)(gpu, &mut inputs).and_then(|o| gpu.sync().map(|_| o));
+        let overwritten = gpu.pool().stats().guard_violations - before;
+        if let Ok(outcomes) = &mut result {
+            outcomes.push(Outcome {
+                name: format!("{}: nothing written past a buffer's end", c.name),
+                elements: 0,
+                max_rel_err: if overwritten == 0 { 0.0 } else { f64::INFINITY },
+                bound: 0.0,
+                worst: None,
+            });
+        }
+        ran += 1;
+        let failed_to_run = result.is_err();
+        report(&CheckRun {
+            name: c.name,
+            result,
+        });
+        // A failed launch on a real GPU usually poisons the context: later checks would only
+        // repeat its error and hide their own results.
+        if failed_to_run && !gpu.is_emulated() && gpu.sync().is_err() {
+            gpu.pool().set_guard(false);
+            return Err(crate::error::Error::cuda(
+                format!("after the check {:?}", c.name),
+                "the GPU context is lost; rerun the remaining checks with --filter",
+            ));
+        }
+    }
+    gpu.pool().set_guard(false);
+    Ok(ran)
 }
 
 #[cfg(test)]

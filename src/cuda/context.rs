@@ -95,19 +95,21 @@ impl From<f32> for Arg {
     }
 }
 
-/// Threads per block and blocks for `n` independent elements.
+/// Threads per block and blocks for `n` independent elements. For `n` = 0 the grid is
+/// empty and [`Gpu::launch`] launches nothing.
 pub fn grid_for(n: usize, block: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: ((n as u64).div_ceil(u64::from(block)).max(1) as u32, 1, 1),
+        grid_dim: ((n as u64).div_ceil(u64::from(block)) as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-/// A launch of `blocks` blocks of `threads` threads (one block per row, typically).
+/// A launch of `blocks` blocks of `threads` threads (one block per row, typically). With 0
+/// blocks [`Gpu::launch`] launches nothing.
 pub fn blocks(blocks: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -153,6 +155,21 @@ impl Gpu {
         if ordinal as i32 >= count {
             return Err(Error::NoCuda {
                 reason: format!("device {ordinal} asked for but the driver sees {count}"),
+            });
+        }
+        // cudarc's cuda-13000 bindings and the PTX (ISA 9.0) need a CUDA 13 driver (R580+).
+        let mut driver = 0i32;
+        // SAFETY: writes one int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) }
+            .result()
+            .map_err(|e| Error::cuda("reading the driver version", e))?;
+        if driver < 13000 {
+            return Err(Error::NoCuda {
+                reason: format!(
+                    "the driver supports CUDA {}.{}; these kernels need CUDA 13.0 (driver R580 or newer)",
+                    driver / 1000,
+                    driver % 1000 / 10
+                ),
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("creating the context", e))?;
@@ -305,7 +322,8 @@ impl Gpu {
 
     /// Launches `module::kernel` on the compute stream. In debug builds (or with
     /// PWSELF_CUDA_SYNC=1) it then waits and reports a failure under the kernel's name.
-    /// Under the emulator the kernel runs to completion before this returns.
+    /// Under the emulator the kernel runs to completion before this returns. A grid with no
+    /// block (some dimension 0: no work) launches nothing.
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number and type, and every address must
@@ -317,6 +335,10 @@ impl Gpu {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
+        let (gx, gy, gz) = cfg.grid_dim;
+        if gx == 0 || gy == 0 || gz == 0 {
+            return Ok(());
+        }
         let Some(d) = &self.device else {
             return super::emu::launch(module, kernel, cfg, args);
         };

@@ -32,7 +32,11 @@ struct Counters {
     mallocs: AtomicU64,
     reuses: AtomicU64,
     bytes_allocated: AtomicU64,
+    guard_violations: AtomicU64,
 }
+
+/// The byte written after the end of every buffer in guard mode.
+const CANARY: u8 = 0xA5;
 
 /// A block of memory: on the device, or (emulator) on the host, 16-byte aligned.
 enum Block {
@@ -58,6 +62,9 @@ struct Inner {
     stream: Option<Arc<CudaStream>>,
     free: Mutex<HashMap<usize, Vec<Block>>>,
     counters: Counters,
+    /// Guard mode (check-kernels): the slack after each buffer's end holds CANARY, checked
+    /// when the buffer is dropped, so a kernel writing past a buffer's end is caught.
+    guard: std::sync::atomic::AtomicBool,
 }
 
 /// The allocator; cheap to clone (all clones share one cache).
@@ -75,6 +82,9 @@ pub struct PoolStats {
     pub reuses: u64,
     /// Device bytes held, in use or cached.
     pub bytes_allocated: u64,
+    /// Buffers (allocated in guard mode) whose slack was overwritten: a kernel wrote past
+    /// a buffer's end.
+    pub guard_violations: u64,
 }
 
 impl Pool {
@@ -94,6 +104,7 @@ impl Pool {
                 stream,
                 free: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
+                guard: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -131,10 +142,16 @@ impl Pool {
             }
         };
         let ptr = raw.address(self.inner.stream.as_ref());
+        let guarded = self.inner.guard.load(Ordering::Relaxed);
+        if guarded {
+            self.fill_slack(ptr + bytes as u64, class - bytes)?;
+        }
         Ok(Buf {
             raw: Some(raw),
             ptr,
             len,
+            bytes,
+            guarded,
             class,
             pool: self.clone(),
             _t: PhantomData,
@@ -148,6 +165,53 @@ impl Pool {
         Ok(buf)
     }
 
+    /// Turns guard mode on or off: with it on, every buffer allocated afterwards has its
+    /// slack filled with a canary that is checked when the buffer is dropped
+    /// ([`PoolStats::guard_violations`] counts the buffers whose canary was overwritten).
+    pub fn set_guard(&self, on: bool) {
+        self.inner.guard.store(on, Ordering::Relaxed);
+    }
+
+    fn fill_slack(&self, at: u64, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        match &self.inner.stream {
+            // SAFETY: [at, at + len) is the block's slack, inside the allocation.
+            Some(stream) => unsafe {
+                cudarc::driver::result::memset_d8_async(at, CANARY, len, stream.cu_stream())
+            }
+            .map_err(|e| Error::cuda("writing a guard canary", e)),
+            None => {
+                // SAFETY: as above, host memory.
+                unsafe { std::ptr::write_bytes(at as *mut u8, CANARY, len) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the slack [at, at + len) still holds the canary (waits for the stream).
+    fn slack_intact(&self, at: u64, len: usize) -> bool {
+        if len == 0 {
+            return true;
+        }
+        let mut host = vec![0u8; len];
+        match &self.inner.stream {
+            Some(stream) => {
+                // SAFETY: [at, at + len) lies inside the block; the copy is synchronous after
+                // the stream's work.
+                let ok = stream.synchronize().is_ok()
+                    && unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, at) }.is_ok();
+                ok && host.iter().all(|&b| b == CANARY)
+            }
+            None => {
+                // SAFETY: host memory inside the block.
+                unsafe { std::ptr::copy_nonoverlapping(at as *const u8, host.as_mut_ptr(), len) };
+                host.iter().all(|&b| b == CANARY)
+            }
+        }
+    }
+
     /// Counters since the pool was made.
     pub fn stats(&self) -> PoolStats {
         let c = &self.inner.counters;
@@ -155,6 +219,7 @@ impl Pool {
             mallocs: c.mallocs.load(Ordering::Relaxed),
             reuses: c.reuses.load(Ordering::Relaxed),
             bytes_allocated: c.bytes_allocated.load(Ordering::Relaxed),
+            guard_violations: c.guard_violations.load(Ordering::Relaxed),
         }
     }
 
@@ -180,6 +245,10 @@ pub struct Buf<T> {
     raw: Option<Block>,
     ptr: u64,
     len: usize,
+    /// len * size_of::<T>() (at least 1): where the slack starts.
+    bytes: usize,
+    /// Allocated in guard mode: its slack holds the canary.
+    guarded: bool,
     class: usize,
     pool: Pool,
     _t: PhantomData<T>,
@@ -295,6 +364,14 @@ impl<T: DeviceRepr> Buf<T> {
 
 impl<T> Drop for Buf<T> {
     fn drop(&mut self) {
+        let pool = &self.pool;
+        if self.guarded && !pool.slack_intact(self.ptr + self.bytes as u64, self.class - self.bytes)
+        {
+            pool.inner
+                .counters
+                .guard_violations
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(raw) = self.raw.take() {
             self.pool.give_back(self.class, raw);
         }
@@ -303,7 +380,30 @@ impl<T> Drop for Buf<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::size_class;
+    use super::{size_class, Pool};
+
+    #[test]
+    fn guard_mode_catches_a_write_past_the_end_and_nothing_else() {
+        let pool = Pool::host();
+        pool.set_guard(true);
+        let mut inside = pool.alloc::<f32>(1000).unwrap();
+        inside.copy_from(&vec![1.0; 1000]).unwrap();
+        drop(inside);
+        assert_eq!(pool.stats().guard_violations, 0);
+        let past = pool.alloc::<f32>(1000).unwrap();
+        // SAFETY: element 1000 is in the block's slack (4000 bytes round up to 4096).
+        unsafe { *(past.ptr_at(1000) as *mut f32) = 2.0 };
+        drop(past);
+        assert_eq!(pool.stats().guard_violations, 1);
+        // Buffers allocated with the guard off are not judged.
+        pool.set_guard(false);
+        let unguarded = pool.alloc::<f32>(1000).unwrap();
+        // SAFETY: as above.
+        unsafe { *(unguarded.ptr_at(1000) as *mut f32) = 2.0 };
+        drop(unguarded);
+        assert_eq!(pool.stats().guard_violations, 1);
+        assert_eq!(pool.stats().mallocs, 1, "one block, reused");
+    }
 
     #[test]
     fn size_classes_round_up_and_cover_the_request() {

@@ -83,6 +83,10 @@ impl Uploader {
             .map_err(|e| Error::cuda("mapping a pinned slot", e))?;
         host[..bytes.len()].copy_from_slice(bytes);
         let copy = gpu.copy_stream()?;
+        // `dst` may be a block the compute stream used until now (the pool recycles blocks
+        // in compute-stream order): the copy waits for the compute stream's work so far.
+        copy.join(gpu.stream()?)
+            .map_err(|e| Error::cuda("ordering an upload after compute", e))?;
         let mut view = dst.view_mut().expect("device pools hold device blocks");
         // A view of exactly the batch's bytes (the slot may be larger).
         let src = &host[..bytes.len()];
