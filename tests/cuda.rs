@@ -28,7 +28,7 @@ fn kernels_reports_every_module_when_the_toolchain_is_installed() {
     }
     assert!(text.contains("kernels compiled by"), "{text}");
     // Every kernels/*.cu (the GEMMs are cuBLASLt's: no file of ours).
-    for module in ["ce", "layers", "optim", "views"] {
+    for module in ["attention", "ce", "layers", "optim", "views"] {
         assert!(
             text.contains(&format!("== {module}.cu (sm_90)")),
             "no sm_90 report for {module}.cu:\n{text}"

@@ -26,6 +26,7 @@ pub fn registry() -> Vec<(&'static str, BenchFn)> {
     vec![
         ("views", super::views::benches),
         ("layers", super::layers::benches),
+        ("attention", super::attention::benches),
         ("blas", super::blas::benches),
         ("ce", super::ce::benches),
         ("optim", super::optim::benches),

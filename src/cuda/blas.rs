@@ -21,7 +21,7 @@ use half::bf16;
 use super::bench::BenchCase;
 use super::check::{self, compare, Inputs, KernelCheck, Outcome, BF16_BOUND};
 use super::context::Gpu;
-use super::pool::Buf;
+use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
 use crate::error::{Error, Result};
 
 /// cuBLASLt's workspace: 32 MiB, what NVIDIA recommends for Hopper.
@@ -136,9 +136,9 @@ impl Blas {
     pub fn linear_forward(
         &self,
         gpu: &Gpu,
-        y: &mut Buf<bf16>,
-        x: &Buf<bf16>,
-        w: &Buf<bf16>,
+        y: &mut impl DeviceSliceMut<bf16>,
+        x: &impl DeviceSlice<bf16>,
+        w: &impl DeviceSlice<bf16>,
         bias: Option<&Buf<bf16>>,
         (m, k, n): (usize, usize, usize),
     ) -> Result<()> {
@@ -169,9 +169,9 @@ impl Blas {
     pub fn linear_backward_data(
         &self,
         gpu: &Gpu,
-        dx: &mut Buf<bf16>,
-        dy: &Buf<bf16>,
-        w: &Buf<bf16>,
+        dx: &mut impl DeviceSliceMut<bf16>,
+        dy: &impl DeviceSlice<bf16>,
+        w: &impl DeviceSlice<bf16>,
         (m, k, n): (usize, usize, usize),
         accumulate: bool,
     ) -> Result<()> {
@@ -200,9 +200,9 @@ impl Blas {
     pub fn linear_backward_weight(
         &self,
         gpu: &Gpu,
-        dw: &mut Buf<f32>,
-        dy: &Buf<bf16>,
-        x: &Buf<bf16>,
+        dw: &mut impl DeviceSliceMut<f32>,
+        dy: &impl DeviceSlice<bf16>,
+        x: &impl DeviceSlice<bf16>,
         (m, k, n): (usize, usize, usize),
     ) -> Result<()> {
         assert_eq!(dy.len(), m * n, "linear_backward_weight: dy must be (M, N)");

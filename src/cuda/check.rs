@@ -161,6 +161,7 @@ pub fn registry() -> Vec<KernelCheck> {
     all.extend(super::upload::checks());
     all.extend(super::views::checks());
     all.extend(super::layers::checks());
+    all.extend(super::attention::checks());
     all.extend(super::blas::checks());
     all.extend(super::ce::checks());
     all.extend(super::optim::checks());

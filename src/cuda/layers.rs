@@ -33,7 +33,7 @@ use super::check::{
     KernelCheck, Outcome, BF16_BOUND, FP32_BOUND,
 };
 use super::context::{blocks, Arg, Gpu};
-use super::pool::Buf;
+use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
 use crate::cpu;
 use crate::error::{Error, Result};
 
@@ -66,7 +66,7 @@ fn int(what: &str, x: usize) -> i32 {
 
 /// Asserts that `buf` holds exactly `len` elements.
 #[track_caller]
-fn expect_len<T: DeviceRepr>(kernel: &str, what: &str, buf: &Buf<T>, len: usize) {
+fn expect_len<T: DeviceRepr>(kernel: &str, what: &str, buf: &impl DeviceSlice<T>, len: usize) {
     assert_eq!(
         buf.len(),
         len,
@@ -106,8 +106,8 @@ fn row_chunks_by_columns(n: usize, h: usize) -> (LaunchConfig, usize) {
 /// of every column reduction here.
 fn column_sum_finish(
     gpu: &Gpu,
-    acc: &mut Buf<f32>,
-    partials: &Buf<f32>,
+    acc: &mut impl DeviceSliceMut<f32>,
+    partials: &impl DeviceSlice<f32>,
     offset: usize,
     p: usize,
     d: usize,
@@ -158,8 +158,8 @@ impl ImageElement for bf16 {
 // images (B, C, S, S) -> cols (B*G*G, C*p*p) bf16
 pub fn im2col<T: ImageElement>(
     gpu: &Gpu,
-    cols: &mut Buf<bf16>,
-    images: &Buf<T>,
+    cols: &mut impl DeviceSliceMut<bf16>,
+    images: &impl DeviceSlice<T>,
     b: usize,
     c: usize,
     side: usize,
@@ -214,9 +214,9 @@ pub fn pos_resample_matrix(gpu: &Gpu, g: usize, big_g: usize) -> Result<Buf<f32>
 // pos (1 + G*G, D), resample (g, G) -> out (1 + g*g, D)
 pub fn pos_embed_forward(
     gpu: &Gpu,
-    out: &mut Buf<f32>,
-    pos: &Buf<f32>,
-    resample: &Buf<f32>,
+    out: &mut impl DeviceSliceMut<f32>,
+    pos: &impl DeviceSlice<f32>,
+    resample: &impl DeviceSlice<f32>,
     g: usize,
     big_g: usize,
     d: usize,
@@ -260,9 +260,9 @@ pub fn pos_embed_forward(
 // dout (1 + g*g, D), resample (g, G) -> dpos (1 + G*G, D) +=
 pub fn pos_embed_backward(
     gpu: &Gpu,
-    dpos: &mut Buf<f32>,
-    dout: &Buf<f32>,
-    resample: &Buf<f32>,
+    dpos: &mut impl DeviceSliceMut<f32>,
+    dout: &impl DeviceSlice<f32>,
+    resample: &impl DeviceSlice<f32>,
     g: usize,
     big_g: usize,
     d: usize,
@@ -312,10 +312,10 @@ pub fn pos_embed_backward(
 #[allow(clippy::too_many_arguments)]
 pub fn add_cls_and_pos(
     gpu: &Gpu,
-    tokens: &mut Buf<bf16>,
-    patches: &Buf<bf16>,
-    cls: &Buf<f32>,
-    pos_view: &Buf<f32>,
+    tokens: &mut impl DeviceSliceMut<bf16>,
+    patches: &impl DeviceSlice<bf16>,
+    cls: &impl DeviceSlice<f32>,
+    pos_view: &impl DeviceSlice<f32>,
     b: usize,
     g: usize,
     d: usize,
@@ -360,10 +360,10 @@ pub fn add_cls_and_pos(
 #[allow(clippy::too_many_arguments)]
 pub fn add_cls_and_pos_backward(
     gpu: &Gpu,
-    dpatches: &mut Buf<bf16>,
-    dcls: &mut Buf<f32>,
-    dpos_view: &mut Buf<f32>,
-    dtokens: &Buf<bf16>,
+    dpatches: &mut impl DeviceSliceMut<bf16>,
+    dcls: &mut impl DeviceSliceMut<f32>,
+    dpos_view: &mut impl DeviceSliceMut<f32>,
+    dtokens: &impl DeviceSlice<bf16>,
     b: usize,
     g: usize,
     d: usize,
@@ -421,12 +421,12 @@ pub fn add_cls_and_pos_backward(
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     gpu: &Gpu,
-    y: &mut Buf<bf16>,
-    mean: &mut Buf<f32>,
-    rstd: &mut Buf<f32>,
-    x: &Buf<bf16>,
-    w: &Buf<f32>,
-    b: &Buf<f32>,
+    y: &mut impl DeviceSliceMut<bf16>,
+    mean: &mut impl DeviceSliceMut<f32>,
+    rstd: &mut impl DeviceSliceMut<f32>,
+    x: &impl DeviceSlice<bf16>,
+    w: &impl DeviceSlice<f32>,
+    b: &impl DeviceSlice<f32>,
     n: usize,
     d: usize,
 ) -> Result<()> {
@@ -469,14 +469,14 @@ pub fn layernorm_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn residual_layernorm_forward(
     gpu: &Gpu,
-    x: &mut Buf<bf16>,
-    y: &mut Buf<bf16>,
-    mean: &mut Buf<f32>,
-    rstd: &mut Buf<f32>,
-    branch: &Buf<bf16>,
-    mask: &Buf<f32>,
-    w: &Buf<f32>,
-    b: &Buf<f32>,
+    x: &mut impl DeviceSliceMut<bf16>,
+    y: &mut impl DeviceSliceMut<bf16>,
+    mean: &mut impl DeviceSliceMut<f32>,
+    rstd: &mut impl DeviceSliceMut<f32>,
+    branch: &impl DeviceSlice<bf16>,
+    mask: &impl DeviceSlice<f32>,
+    w: &impl DeviceSlice<f32>,
+    b: &impl DeviceSlice<f32>,
     samples: usize,
     rows_per_sample: usize,
     d: usize,
@@ -531,14 +531,14 @@ fn ln_backward_warps(d: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     gpu: &Gpu,
-    dx: &mut Buf<bf16>,
-    dw: &mut Buf<f32>,
-    db: &mut Buf<f32>,
-    dy: &Buf<bf16>,
-    x: &Buf<bf16>,
-    mean: &Buf<f32>,
-    rstd: &Buf<f32>,
-    w: &Buf<f32>,
+    dx: &mut impl DeviceSliceMut<bf16>,
+    dw: &mut impl DeviceSliceMut<f32>,
+    db: &mut impl DeviceSliceMut<f32>,
+    dy: &impl DeviceSlice<bf16>,
+    x: &impl DeviceSlice<bf16>,
+    mean: &impl DeviceSlice<f32>,
+    rstd: &impl DeviceSlice<f32>,
+    w: &impl DeviceSlice<f32>,
     n: usize,
     d: usize,
 ) -> Result<()> {
@@ -604,9 +604,9 @@ pub fn layernorm_backward(
 // x (n, h) bf16, b (h) -> y (n, h) bf16
 pub fn bias_gelu_forward(
     gpu: &Gpu,
-    y: &mut Buf<bf16>,
-    x: &Buf<bf16>,
-    b: &Buf<f32>,
+    y: &mut impl DeviceSliceMut<bf16>,
+    x: &impl DeviceSlice<bf16>,
+    b: &impl DeviceSlice<f32>,
     n: usize,
     h: usize,
 ) -> Result<()> {
@@ -641,11 +641,11 @@ pub fn bias_gelu_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn bias_gelu_backward(
     gpu: &Gpu,
-    dpre: &mut Buf<bf16>,
-    db: &mut Buf<f32>,
-    dy: &Buf<bf16>,
-    x: &Buf<bf16>,
-    b: &Buf<f32>,
+    dpre: &mut impl DeviceSliceMut<bf16>,
+    db: &mut impl DeviceSliceMut<f32>,
+    dy: &impl DeviceSlice<bf16>,
+    x: &impl DeviceSlice<bf16>,
+    b: &impl DeviceSlice<f32>,
     n: usize,
     h: usize,
 ) -> Result<()> {
@@ -684,7 +684,13 @@ pub fn bias_gelu_backward(
 /// `y += b` on every row: the bias part of [`cpu::linear::linear_forward`], for a Linear
 /// whose GEMM wrote no bias.
 // y (n, h) bf16 +=, b (h)
-pub fn bias_add(gpu: &Gpu, y: &mut Buf<bf16>, b: &Buf<f32>, n: usize, h: usize) -> Result<()> {
+pub fn bias_add(
+    gpu: &Gpu,
+    y: &mut impl DeviceSliceMut<bf16>,
+    b: &impl DeviceSlice<f32>,
+    n: usize,
+    h: usize,
+) -> Result<()> {
     expect_len("bias_add", "y (n, h)", y, n * h);
     expect_len("bias_add", "b (h)", b, h);
     if y.is_empty() {
@@ -706,8 +712,8 @@ pub fn bias_add(gpu: &Gpu, y: &mut Buf<bf16>, b: &Buf<f32>, n: usize, h: usize) 
 // dy (n, h) bf16 -> db (h) +=
 pub fn bias_backward(
     gpu: &Gpu,
-    db: &mut Buf<f32>,
-    dy: &Buf<bf16>,
+    db: &mut impl DeviceSliceMut<f32>,
+    dy: &impl DeviceSlice<bf16>,
     n: usize,
     h: usize,
 ) -> Result<()> {
@@ -744,9 +750,9 @@ pub fn bias_backward(
 // x (n, d) bf16 -> y (n, d) bf16, norms (n)
 pub fn l2norm_forward(
     gpu: &Gpu,
-    y: &mut Buf<bf16>,
-    norms: &mut Buf<f32>,
-    x: &Buf<bf16>,
+    y: &mut impl DeviceSliceMut<bf16>,
+    norms: &mut impl DeviceSliceMut<f32>,
+    x: &impl DeviceSlice<bf16>,
     n: usize,
     d: usize,
 ) -> Result<()> {
@@ -780,10 +786,10 @@ pub fn l2norm_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn l2norm_backward(
     gpu: &Gpu,
-    dx: &mut Buf<bf16>,
-    dy: &Buf<bf16>,
-    x: &Buf<bf16>,
-    norms: &Buf<f32>,
+    dx: &mut impl DeviceSliceMut<bf16>,
+    dy: &impl DeviceSlice<bf16>,
+    x: &impl DeviceSlice<bf16>,
+    norms: &impl DeviceSlice<f32>,
     n: usize,
     d: usize,
 ) -> Result<()> {
@@ -817,9 +823,9 @@ pub fn l2norm_backward(
 // v (K, Db) -> w (K, Db) bf16, row_norms (K)
 pub fn weight_norm_forward(
     gpu: &Gpu,
-    w: &mut Buf<bf16>,
-    row_norms: &mut Buf<f32>,
-    v: &Buf<f32>,
+    w: &mut impl DeviceSliceMut<bf16>,
+    row_norms: &mut impl DeviceSliceMut<f32>,
+    v: &impl DeviceSlice<f32>,
     k: usize,
     db: usize,
 ) -> Result<()> {
@@ -853,10 +859,10 @@ pub fn weight_norm_forward(
 #[allow(clippy::too_many_arguments)]
 pub fn weight_norm_backward(
     gpu: &Gpu,
-    dv: &mut Buf<f32>,
-    dw: &Buf<f32>,
-    v: &Buf<f32>,
-    row_norms: &Buf<f32>,
+    dv: &mut impl DeviceSliceMut<f32>,
+    dw: &impl DeviceSlice<f32>,
+    v: &impl DeviceSlice<f32>,
+    row_norms: &impl DeviceSlice<f32>,
     k: usize,
     db: usize,
 ) -> Result<()> {
@@ -908,9 +914,9 @@ fn per_sample(b: usize, l: usize) -> LaunchConfig {
 // x (B, L) bf16 +=, branch (B, L) bf16, mask (B)
 pub fn residual_add_scaled(
     gpu: &Gpu,
-    x: &mut Buf<bf16>,
-    branch: &Buf<bf16>,
-    mask: &Buf<f32>,
+    x: &mut impl DeviceSliceMut<bf16>,
+    branch: &impl DeviceSlice<bf16>,
+    mask: &impl DeviceSlice<f32>,
     b: usize,
     l: usize,
 ) -> Result<()> {
@@ -941,9 +947,9 @@ pub fn residual_add_scaled(
 // dx (B, L) bf16, mask (B) -> dbranch (B, L) bf16 +=
 pub fn residual_add_scaled_backward(
     gpu: &Gpu,
-    dbranch: &mut Buf<bf16>,
-    dx: &Buf<bf16>,
-    mask: &Buf<f32>,
+    dbranch: &mut impl DeviceSliceMut<bf16>,
+    dx: &impl DeviceSlice<bf16>,
+    mask: &impl DeviceSlice<f32>,
     b: usize,
     l: usize,
 ) -> Result<()> {

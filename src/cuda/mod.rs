@@ -12,8 +12,10 @@
 //!   L2-normalisation and weight norm of the head;
 //! - [`ce`]: the gathered matched-token cross-entropy and the teacher centre;
 //! - [`optim`]: AdamW over the flat buffer, teacher EMA, gradient norm and clipping;
+//! - [`attention`]: fused flash-style multi-head attention, forward and backward;
 //! - [`blas`]: GEMMs through cuBLASLt.
 
+pub mod attention;
 pub mod bench;
 pub mod blas;
 pub mod ce;
@@ -28,4 +30,4 @@ pub mod upload;
 pub mod views;
 
 pub use context::{cuda_unavailable, Arg, DeviceChoice, Gpu};
-pub use pool::{Buf, Pool, PoolStats};
+pub use pool::{Buf, DevView, DevViewMut, DeviceSlice, DeviceSliceMut, Pool, PoolStats};

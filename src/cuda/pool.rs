@@ -362,6 +362,100 @@ impl<T: DeviceRepr> Buf<T> {
     }
 }
 
+/// A typed range of device memory that kernels read: a whole [`Buf`], or a [`DevView`] of
+/// part of one (a tensor inside the flat parameter buffer, say). Launchers take
+/// `&impl DeviceSlice<T>` so that both work.
+pub trait DeviceSlice<T> {
+    /// The device address of element 0.
+    fn ptr(&self) -> u64;
+    /// Elements.
+    fn len(&self) -> usize;
+    /// Whether it holds no element.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The device address of element `i` (`i <= len`).
+    fn ptr_at(&self, i: usize) -> u64 {
+        assert!(i <= self.len(), "offset {i} past a slice of {}", self.len());
+        self.ptr() + (i * std::mem::size_of::<T>()) as u64
+    }
+}
+
+/// A [`DeviceSlice`] that kernels may also write.
+pub trait DeviceSliceMut<T>: DeviceSlice<T> {}
+
+impl<T: DeviceRepr> DeviceSlice<T> for Buf<T> {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+impl<T: DeviceRepr> DeviceSliceMut<T> for Buf<T> {}
+
+/// Elements `range` of a [`Buf`], borrowed from it (read-only).
+#[derive(Clone, Copy)]
+pub struct DevView<'a, T> {
+    ptr: u64,
+    len: usize,
+    _buf: PhantomData<&'a Buf<T>>,
+}
+
+/// Elements `range` of a [`Buf`], borrowed from it mutably.
+pub struct DevViewMut<'a, T> {
+    ptr: u64,
+    len: usize,
+    _buf: PhantomData<&'a mut Buf<T>>,
+}
+
+impl<T> DeviceSlice<T> for DevView<'_, T> {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+impl<T> DeviceSlice<T> for DevViewMut<'_, T> {
+    fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+impl<T> DeviceSliceMut<T> for DevViewMut<'_, T> {}
+
+impl<T: DeviceRepr> Buf<T> {
+    /// Elements `range` as a read-only slice for launchers.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> DevView<'_, T> {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "slice {range:?} of a buffer of {}",
+            self.len
+        );
+        DevView {
+            ptr: self.ptr_at(range.start),
+            len: range.len(),
+            _buf: PhantomData,
+        }
+    }
+    /// Elements `range` as a writable slice for launchers.
+    pub fn slice_mut(&mut self, range: std::ops::Range<usize>) -> DevViewMut<'_, T> {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "slice {range:?} of a buffer of {}",
+            self.len
+        );
+        DevViewMut {
+            ptr: self.ptr_at(range.start),
+            len: range.len(),
+            _buf: PhantomData,
+        }
+    }
+}
+
 impl<T> Drop for Buf<T> {
     fn drop(&mut self) {
         let pool = &self.pool;
@@ -381,6 +475,25 @@ impl<T> Drop for Buf<T> {
 #[cfg(test)]
 mod tests {
     use super::{size_class, Pool};
+
+    #[test]
+    fn slices_address_their_elements_and_refuse_to_overrun() {
+        use super::DeviceSlice;
+        let pool = Pool::host();
+        let mut buf = pool.alloc::<f32>(100).unwrap();
+        let base = buf.ptr();
+        let v = buf.slice(10..30);
+        assert_eq!(
+            (DeviceSlice::ptr(&v), DeviceSlice::len(&v)),
+            (base + 40, 20)
+        );
+        assert_eq!(v.ptr_at(20), base + 120);
+        let m = buf.slice_mut(99..100);
+        assert_eq!((m.ptr(), m.len()), (base + 396, 1));
+        assert!(
+            std::panic::catch_unwind(|| pool.alloc::<f32>(4).unwrap().slice(2..5).len()).is_err()
+        );
+    }
 
     #[test]
     fn guard_mode_catches_a_write_past_the_end_and_nothing_else() {
