@@ -165,6 +165,7 @@ pub fn registry() -> Vec<KernelCheck> {
     all.extend(super::blas::checks());
     all.extend(super::ce::checks());
     all.extend(super::optim::checks());
+    all.extend(super::vit::checks());
     all
 }
 

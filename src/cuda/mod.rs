@@ -28,6 +28,7 @@ pub mod pool;
 pub mod ptx;
 pub mod upload;
 pub mod views;
+pub mod vit;
 
 pub use context::{cuda_unavailable, Arg, DeviceChoice, Gpu};
 pub use pool::{Buf, DevView, DevViewMut, DeviceSlice, DeviceSliceMut, Pool, PoolStats};
