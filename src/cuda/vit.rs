@@ -1,10 +1,12 @@
-//! The ViT backbone's forward pass on the GPU, composed from the launchers of
-//! [`super::layers`], [`super::blas`] and [`super::attention`] exactly as its CPU twin
-//! [`Network::backbone_forward`] composes the CPU layers: im2col, the patch GEMM, the
-//! resampled position embedding and the CLS token, then per block layernorm, qkv GEMM,
-//! fused attention, proj GEMM, residual add, layernorm, fc1 GEMM, bias + exact GELU, fc2
-//! GEMM, residual add, and the final layernorm. Every activation a backward pass needs is
-//! kept in a [`GpuBackboneActs`].
+//! The ViT backbone's forward and backward passes on the GPU, composed from the launchers
+//! of [`super::layers`], [`super::blas`] and [`super::attention`] exactly as its CPU twins
+//! [`Network::backbone_forward`] and [`Network::backbone_backward`] compose the CPU layers.
+//! Forward: im2col, the patch GEMM, the resampled position embedding and the CLS token,
+//! then per block layernorm, qkv GEMM, fused attention, proj GEMM, residual add, layernorm,
+//! fc1 GEMM, bias + exact GELU, fc2 GEMM, residual add, and the final layernorm. Every
+//! activation the backward needs is kept in a [`GpuBackboneActs`]. Backward: the same
+//! layers in reverse, accumulating the parameter gradients into an fp32 flat buffer with
+//! the master's layout ([`GpuBackbone::backward`]).
 //!
 //! Parameters: the fp32 master copy is one flat buffer with the CPU's layout
 //! ([`Network::table`]); the GEMMs read a bf16 copy of it made on the device
@@ -13,7 +15,7 @@
 //!
 //! What this module must not do: change the twin's semantics, or drop stochastic depth in
 //! silently (this forward has none: it is the teacher's, or a first step toward the
-//! student's).
+//! student's; its backward uses the same masks of ones).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -64,6 +66,96 @@ fn copy_device<T: DeviceRepr>(
         )
     }
     .map_err(|e| Error::cuda("a device-to-device copy", e))
+}
+
+/// Zeroes `dst` on the compute stream (a memset; a host write under the emulator).
+fn zero_device<T: DeviceRepr>(gpu: &Gpu, dst: &mut impl DeviceSliceMut<T>) -> Result<()> {
+    let bytes = dst.len() * std::mem::size_of::<T>();
+    if bytes == 0 {
+        return Ok(());
+    }
+    if gpu.is_emulated() {
+        // SAFETY: under the emulator the address is a host block of `bytes` bytes, and
+        // all-zero bytes are 0 in bf16 and f32 alike.
+        unsafe { std::ptr::write_bytes(dst.ptr() as *mut u8, 0, bytes) };
+        return Ok(());
+    }
+    let stream = gpu.stream()?;
+    // SAFETY: the range holds `bytes` bytes of the slice; the memset is ordered on the
+    // compute stream with every kernel that reads or writes it.
+    unsafe { cudarc::driver::result::memset_d8_async(dst.ptr(), 0, bytes, stream.cu_stream()) }
+        .map_err(|e| Error::cuda("zeroing device memory", e))
+}
+
+/// The backward of a Linear whose forward was `y = x W^T + b` (`(m, k, n)`: `x` `(m, k)`,
+/// `W` `(n, k)`): `dx = dy W` **written** (when asked for), `dW +=` and `db +=` into their
+/// slices of the fp32 `grads`. The twin's [`crate::cpu::linear::linear_backward`] into a
+/// zeroed `dx`.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    gpu: &Gpu,
+    blas: &Blas,
+    lin: &Linear,
+    half: &Buf<bf16>,
+    grads: &mut Buf<f32>,
+    dx: Option<&mut Buf<bf16>>,
+    dy: &impl DeviceSlice<bf16>,
+    x: &impl DeviceSlice<bf16>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<()> {
+    if let Some(dx) = dx {
+        blas.linear_backward_data(
+            gpu,
+            dx,
+            dy,
+            &half.slice(lin.weight.clone()),
+            (m, k, n),
+            false,
+        )?;
+    }
+    blas.linear_backward_weight(
+        gpu,
+        &mut grads.slice_mut(lin.weight.clone()),
+        dy,
+        x,
+        (m, k, n),
+    )?;
+    layers::bias_backward(gpu, &mut grads.slice_mut(lin.bias.clone()), dy, m, n)
+}
+
+/// A LayerNorm's backward: `dx +=` (bf16) and its weight and bias gradients `+=` into
+/// `grads`. The launcher takes both parameter gradients at once and a buffer lends one
+/// writable slice at a time, so the bias gradient goes through a copy of its `d` floats
+/// (copied out, accumulated, copied back: still an accumulation).
+#[allow(clippy::too_many_arguments)]
+fn norm_backward(
+    gpu: &Gpu,
+    dx: &mut Buf<bf16>,
+    grads: &mut Buf<f32>,
+    norm: &Norm,
+    master: &Buf<f32>,
+    dy: &impl DeviceSlice<bf16>,
+    x: &Buf<bf16>,
+    mean: &Buf<f32>,
+    rstd: &Buf<f32>,
+    (n, d): (usize, usize),
+) -> Result<()> {
+    let mut db = gpu.pool().alloc::<f32>(norm.bias.len())?;
+    copy_device(gpu, &mut db, &grads.slice(norm.bias.clone()))?;
+    layers::layernorm_backward(
+        gpu,
+        dx,
+        &mut grads.slice_mut(norm.weight.clone()),
+        &mut db,
+        dy,
+        x,
+        mean,
+        rstd,
+        &master.slice(norm.weight.clone()),
+        n,
+        d,
+    )?;
+    copy_device(gpu, &mut grads.slice_mut(norm.bias.clone()), &db)
 }
 
 /// A Linear whose GEMM adds the bias: where its weight and bias live in the flat buffers,
@@ -262,6 +354,22 @@ impl GpuBackbone {
         Ok(side / p)
     }
 
+    /// The `(g, G)` position-resampling matrix for grid `g` from `cache`, uploaded on first
+    /// use.
+    fn resample_matrix<'c>(
+        &self,
+        gpu: &Gpu,
+        cache: &'c mut HashMap<usize, Buf<f32>>,
+        g: usize,
+    ) -> Result<&'c Buf<f32>> {
+        Ok(match cache.entry(g) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(layers::pos_resample_matrix(gpu, g, self.vit.ref_grid)?)
+            }
+        })
+    }
+
     /// The backbone forward on `images` `(B, C, S, S)` (S = `side`): returns the tokens
     /// after the final norm `(B, T, D)` bf16 and what the backward pass needs.
     pub fn forward<T: ImageElement>(
@@ -325,12 +433,7 @@ impl GpuBackbone {
         let mut pos_view = pool.alloc::<f32>(t * d)?;
         {
             let mut cache = self.resample.lock().expect("resample cache lock");
-            let resample = match cache.entry(g) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(layers::pos_resample_matrix(gpu, g, v.ref_grid)?)
-                }
-            };
+            let resample = self.resample_matrix(gpu, &mut cache, g)?;
             layers::pos_embed_forward(
                 gpu,
                 &mut pos_view,
@@ -482,6 +585,210 @@ impl GpuBackbone {
             norm_rstd,
         })
     }
+
+    /// The backbone backward: given `dout` `(B, T, D)` bf16, the gradient with respect to
+    /// [`forward`](Self::forward)'s output, **accumulates** the parameter gradients into
+    /// `grads` (fp32, the flat layout of [`Network::table`], like the master), in the order
+    /// of its twin [`Network::backbone_backward`]: the final norm, the blocks in reverse
+    /// (MLP branch, norm2, attention branch, norm1; no stochastic depth: masks of ones),
+    /// then the CLS token, the position embedding and the patch embedding (whose input, the
+    /// images, needs no gradient). The residual-stream gradient is kept in bf16, as the
+    /// layer kernels take it. Tensors outside the backbone (the head's) are not touched.
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        blas: &Blas,
+        acts: &GpuBackboneActs,
+        dout: &impl DeviceSlice<bf16>,
+        grads: &mut Buf<f32>,
+    ) -> Result<()> {
+        let v = &self.vit;
+        let (d, p, c, heads, hdim) = (v.embed_dim, v.patch, v.in_chans, v.heads, v.mlp_dim());
+        let (batch, g, t) = (acts.batch, acts.grid, acts.tokens);
+        let n = batch * t;
+        assert_eq!(
+            acts.blocks.len(),
+            self.blocks.len(),
+            "GpuBackbone::backward: acts are not from this backbone"
+        );
+        assert_eq!(
+            dout.len(),
+            n * d,
+            "GpuBackbone::backward: dout must be (B, T, D)"
+        );
+        assert_eq!(
+            grads.len(),
+            self.master.len(),
+            "GpuBackbone::backward: grads must be the network's flat buffer"
+        );
+        let pool = gpu.pool();
+        let (m, h16) = (&self.master, &self.half);
+
+        // dx: the gradient of the residual stream, accumulated by each layernorm backward.
+        let mut dx = pool.alloc::<bf16>(n * d)?;
+        zero_device(gpu, &mut dx)?;
+        norm_backward(
+            gpu,
+            &mut dx,
+            grads,
+            &self.norm,
+            m,
+            dout,
+            &acts.x_final,
+            &acts.norm_mean,
+            &acts.norm_rstd,
+            (n, d),
+        )?;
+        let mut dbranch = pool.alloc::<bf16>(n * d)?;
+        let mut da = pool.alloc::<bf16>(n * hdim)?;
+        let mut dh = pool.alloc::<bf16>(n * hdim)?;
+        let mut dln = pool.alloc::<bf16>(n * d)?;
+        let mut datt = pool.alloc::<bf16>(n * d)?;
+        let mut dqkv = pool.alloc::<bf16>(n * 3 * d)?;
+        for (bp, ba) in self.blocks.iter().zip(&acts.blocks).rev() {
+            // x_out = x_mid + mask * fc2(gelu(fc1(ln2(x_mid)) + b)); dx holds d x_out.
+            zero_device(gpu, &mut dbranch)?;
+            layers::residual_add_scaled_backward(gpu, &mut dbranch, &dx, &acts.mask, batch, t * d)?;
+            // (n, D) -> da (n, 4D)
+            linear_backward(
+                gpu,
+                blas,
+                &bp.fc2,
+                h16,
+                grads,
+                Some(&mut da),
+                &dbranch,
+                &ba.a,
+                (n, hdim, d),
+            )?;
+            // da -> dh = d(h + b) (n, 4D), fc1.bias +=
+            layers::bias_gelu_backward(
+                gpu,
+                &mut dh,
+                &mut grads.slice_mut(bp.fc1_bias.clone()),
+                &da,
+                &ba.h,
+                &m.slice(bp.fc1_bias.clone()),
+                n,
+                hdim,
+            )?;
+            // dh (n, 4D) -> dln (n, D); fc1's bias gradient came with the GELU's.
+            blas.linear_backward_data(
+                gpu,
+                &mut dln,
+                &dh,
+                &h16.slice(bp.fc1_weight.clone()),
+                (n, d, hdim),
+                false,
+            )?;
+            blas.linear_backward_weight(
+                gpu,
+                &mut grads.slice_mut(bp.fc1_weight.clone()),
+                &dh,
+                &ba.ln2,
+                (n, d, hdim),
+            )?;
+            // dx becomes d x_mid: the skip path plus norm2's input gradient.
+            norm_backward(
+                gpu,
+                &mut dx,
+                grads,
+                &bp.norm2,
+                m,
+                &dln,
+                &ba.x_mid,
+                &ba.ln2_mean,
+                &ba.ln2_rstd,
+                (n, d),
+            )?;
+
+            // x_mid = x_in + mask * proj(attention(qkv(ln1(x_in)))).
+            zero_device(gpu, &mut dbranch)?;
+            layers::residual_add_scaled_backward(gpu, &mut dbranch, &dx, &acts.mask, batch, t * d)?;
+            linear_backward(
+                gpu,
+                blas,
+                &bp.proj,
+                h16,
+                grads,
+                Some(&mut datt),
+                &dbranch,
+                &ba.att,
+                (n, d, d),
+            )?;
+            // datt (B, T, D) -> dqkv (B, T, 3D), overwritten
+            attention::attention_backward(
+                gpu, &mut dqkv, &datt, &ba.qkv, &ba.att, &ba.lse, batch, t, d, heads,
+            )?;
+            linear_backward(
+                gpu,
+                blas,
+                &bp.qkv,
+                h16,
+                grads,
+                Some(&mut dln),
+                &dqkv,
+                &ba.ln1,
+                (n, d, 3 * d),
+            )?;
+            // dx becomes d x_in.
+            norm_backward(
+                gpu,
+                &mut dx,
+                grads,
+                &bp.norm1,
+                m,
+                &dln,
+                &ba.x_in,
+                &ba.ln1_mean,
+                &ba.ln1_rstd,
+                (n, d),
+            )?;
+        }
+        drop((dbranch, da, dh, dln, datt, dqkv));
+
+        // Tokens = [cls; patches] + pos_view: dx (B, T, D) -> dpatches (B*g*g, D),
+        // cls_token +=, dpos_view (1 + g*g, D) -> pos_embed +=
+        let mut dpatches = pool.alloc::<bf16>(batch * g * g * d)?;
+        zero_device(gpu, &mut dpatches)?;
+        let mut dpos_view = pool.alloc::<f32>(t * d)?;
+        zero_device(gpu, &mut dpos_view)?;
+        layers::add_cls_and_pos_backward(
+            gpu,
+            &mut dpatches,
+            &mut grads.slice_mut(self.cls.clone()),
+            &mut dpos_view,
+            &dx,
+            batch,
+            g,
+            d,
+        )?;
+        {
+            let mut cache = self.resample.lock().expect("resample cache lock");
+            let resample = self.resample_matrix(gpu, &mut cache, g)?;
+            layers::pos_embed_backward(
+                gpu,
+                &mut grads.slice_mut(self.pos.clone()),
+                &dpos_view,
+                resample,
+                g,
+                v.ref_grid,
+                d,
+            )?;
+        }
+        // Patch GEMM: weight and bias gradients only (the images need none).
+        linear_backward(
+            gpu,
+            blas,
+            &self.patch,
+            h16,
+            grads,
+            None,
+            &dpatches,
+            &acts.cols,
+            (batch * g * g, c * p * p, d),
+        )
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -527,20 +834,10 @@ fn scale_error(name: String, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
 /// a wrong weight gives an error of the order of the output itself.
 const BACKBONE_BOUND: f64 = 3e-2;
 
-/// Femto (D = 64, 4 blocks, 2 heads of 32) with 4-pixel patches on 1-channel images, the
-/// small28 preset: 28x28 views (7 x 7 grid, T = 50, the reference grid) as f32 and 12x12
-/// views (3 x 3 grid, T = 10, the position embedding resampled) as bf16, against
-/// [`Network::backbone_forward`] on the same bf16-rounded parameters and images.
-///
-/// The parameters are `Network::init`'s, moved toward a trained network's so that every
-/// tensor matters: the 1-D ones (biases 0, norm weights 1) get N(0, 0.2^2) added, and the
-/// blocks' Linear weights are scaled from std 0.02 to 0.1. At init scale the residual
-/// branches barely move the stream: zeroing a block's norm bias changes the output by
-/// ~5e-3 of its scale, under the bf16 drift. With these, zeroing any one tensor tried
-/// (CLS token, position embedding, each kind of bias and norm parameter, proj and fc2
-/// weights, in the first and the last block) changes it by 6e-2 to 6e-1, while the drift
-/// stays ~1e-2 (seeds 0-2, depths 1, 2 and 4, on the emulator).
-fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+/// The checks' network and parameters (see [`check_forward`]): Femto with 4-pixel patches
+/// on 1-channel 28x28 images, `Network::init`'s parameters moved toward a trained
+/// network's, rounded to bf16.
+fn check_network(inputs: &mut Inputs) -> Result<(Network, Vec<f32>)> {
     let vit = Arch::Femto.vit(4, 1, 28);
     let net = Network::new(vit, HeadConfig::default())?;
     let mut params = net.init(inputs.below(1 << 30) as u64);
@@ -556,7 +853,24 @@ fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     }
     // The master holds the rounded values too, so that both sides see the same parameters
     // whether a launcher reads the fp32 master or the bf16 copy.
-    let params = check::round_bf16(&params);
+    Ok((net, check::round_bf16(&params)))
+}
+
+/// Femto (D = 64, 4 blocks, 2 heads of 32) with 4-pixel patches on 1-channel images, the
+/// small28 preset: 28x28 views (7 x 7 grid, T = 50, the reference grid) as f32 and 12x12
+/// views (3 x 3 grid, T = 10, the position embedding resampled) as bf16, against
+/// [`Network::backbone_forward`] on the same bf16-rounded parameters and images.
+///
+/// The parameters are `Network::init`'s, moved toward a trained network's so that every
+/// tensor matters: the 1-D ones (biases 0, norm weights 1) get N(0, 0.2^2) added, and the
+/// blocks' Linear weights are scaled from std 0.02 to 0.1. At init scale the residual
+/// branches barely move the stream: zeroing a block's norm bias changes the output by
+/// ~5e-3 of its scale, under the bf16 drift. With these, zeroing any one tensor tried
+/// (CLS token, position embedding, each kind of bias and norm parameter, proj and fc2
+/// weights, in the first and the last block) changes it by 6e-2 to 6e-1, while the drift
+/// stays ~1e-2 (seeds 0-2, depths 1, 2 and 4, on the emulator).
+fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+    let (net, params) = check_network(inputs)?;
     let blas = Blas::new(gpu)?;
     let model = GpuBackbone::new(gpu, &net, &params)?;
     let d = net.vit.embed_dim;
@@ -589,12 +903,106 @@ fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
+/// Bound on [`scale_error`] of each parameter gradient. Every activation the backward
+/// reads was stored in bf16 by the forward (which already drifts ~1e-2 from the twin's f32
+/// ones, [`BACKBONE_BOUND`]), and the backward stores every gradient it passes on in bf16
+/// too (the residual stream's, accumulated in bf16 once per branch, and each GEMM's input
+/// gradient): about twice the forward's roundings between `dout` and the first block's
+/// gradients, with the weight gradients summing bf16 products over all rows. The twin keeps
+/// f32 throughout, so 5e-2 of the tensor's scale; a missed or doubled term (a bias gradient
+/// left out, a branch not accumulated, an overwrite where the twin adds) moves a tensor by
+/// the order of its own scale. Measured on the emulator (seeds 0-2): at most 1.6e-2 (the
+/// norm weights and the position embedding, whose gradients sum over every row), most
+/// tensors ~5e-3; each wiring mistake tried (a Linear bias gradient skipped, a weight
+/// gradient overwritten instead of accumulated, the skip path's gradient dropped, a norm
+/// bias or the position embedding not accumulated) gave 0.6 to 1.2.
+const BACKWARD_BOUND: f64 = 5e-2;
+
+/// The backbone backward against [`Network::backbone_backward`] after the forward of
+/// [`check_forward`] (same network, parameters and views), with `dout` ~ N(0, 1) rounded
+/// to bf16 and both gradient buffers starting from the same random values, so that an
+/// overwrite where the twin accumulates shows. Those values are drawn per tensor at a
+/// quarter of the twin's gradient scale for that tensor (from a first twin run into
+/// zeros): large enough that losing them is an error of ~1/2 of the tensor's scale, small
+/// enough not to swamp the gradient. One outcome per backbone tensor, and one for the whole
+/// flat buffer (which also shows a stray write into the head's gradients).
+fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+    let (net, params) = check_network(inputs)?;
+    let blas = Blas::new(gpu)?;
+    let model = GpuBackbone::new(gpu, &net, &params)?;
+    let d = net.vit.embed_dim;
+    let total = net.table.total();
+    let mut outcomes = Vec::new();
+    for &(batch, side, bf16_images) in &[(3usize, 28usize, false), (2, 12, true)] {
+        let images = check::round_bf16(&inputs.normal(batch * side * side, 1.0));
+        let g = side / net.vit.patch;
+        let n = batch * (1 + g * g);
+        let dout = check::round_bf16(&inputs.normal(n * d, 1.0));
+
+        let mut cpu_acts = BackboneActs::default();
+        net.backbone_forward(&params, &images, batch, side, None, &mut cpu_acts);
+        let mut scale_run = vec![0.0f32; total];
+        net.backbone_backward(&params, &mut scale_run, &cpu_acts, &dout);
+        let mut start = inputs.normal(total, 1.0);
+        for info in net.table.tensors() {
+            let r = info.range();
+            let s = scale_run[r.clone()]
+                .iter()
+                .fold(0.0f32, |s, x| s.max(x.abs()));
+            let s = if s > 0.0 { 0.25 * s } else { 1.0 };
+            start[r].iter_mut().for_each(|x| *x *= s);
+        }
+        let mut cpu = start.clone();
+        net.backbone_backward(&params, &mut cpu, &cpu_acts, &dout);
+
+        let acts = if bf16_images {
+            let dev = gpu.pool().upload(&check::to_bf16(&images))?;
+            model.forward(gpu, &blas, &dev, batch, side)?.1
+        } else {
+            let dev = gpu.pool().upload(&images)?;
+            model.forward(gpu, &blas, &dev, batch, side)?.1
+        };
+        let mut grads = gpu.pool().upload(&start)?;
+        let dout_dev = gpu.pool().upload(&check::to_bf16(&dout))?;
+        model.backward(gpu, &blas, &acts, &dout_dev, &mut grads)?;
+        let gpu_grads = check::download_f32(&grads)?;
+
+        let kind = if bf16_images { "bf16" } else { "f32" };
+        let what = format!("{batch}x{side}x{side} {kind} views");
+        for info in net.table.tensors() {
+            if info.name.starts_with("head.") {
+                continue;
+            }
+            let r = info.range();
+            outcomes.push(scale_error(
+                format!("vit backbone backward ({what}): d {}", info.name),
+                &gpu_grads[r.clone()],
+                &cpu[r],
+                BACKWARD_BOUND,
+            ));
+        }
+        outcomes.push(scale_error(
+            format!("vit backbone backward ({what}): the whole gradient buffer"),
+            &gpu_grads,
+            &cpu,
+            BACKWARD_BOUND,
+        ));
+    }
+    Ok(outcomes)
+}
+
 /// This family's parity checks (`check-kernels --filter "vit backbone"`).
 pub fn checks() -> Vec<KernelCheck> {
-    vec![KernelCheck {
-        name: "vit backbone forward (Femto, patch 4, 28x28 and 12x12 views)",
-        run: check_forward,
-    }]
+    vec![
+        KernelCheck {
+            name: "vit backbone forward (Femto, patch 4, 28x28 and 12x12 views)",
+            run: check_forward,
+        },
+        KernelCheck {
+            name: "vit backbone backward (Femto, patch 4, 28x28 and 12x12 views)",
+            run: check_backward,
+        },
+    ]
 }
 
 #[cfg(test)]
