@@ -32,8 +32,8 @@ use half::bf16;
 
 use super::bench::BenchCase;
 use super::check::{
-    compare, download_bf16, download_f32, poisoned_bf16, poisoned_f32, round_bf16, to_bf16, Inputs,
-    KernelCheck, Outcome, BF16_BOUND, FP32_BOUND,
+    compare, compare_to_scale, download_bf16, download_f32, poisoned_bf16, poisoned_f32,
+    round_bf16, to_bf16, Inputs, KernelCheck, Outcome, BF16_BOUND, FP32_BOUND,
 };
 use super::context::{blocks, Arg, Gpu};
 use super::pool::Buf;
@@ -421,38 +421,6 @@ fn check_forward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
         ));
     }
     Ok(outcomes)
-}
-
-/// `compare`'s outcome with the error measured against the output's scale:
-/// `max_i |gpu_i - cpu_i| / max_j |cpu_j|` (a NaN or infinity where the CPU is finite counts
-/// as infinite). For gradients whose elementwise errors are absolute (see
-/// [`check_backward`]).
-fn compare_to_scale(name: String, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
-    assert_eq!(gpu.len(), cpu.len(), "compare_to_scale: lengths differ");
-    let scale = cpu
-        .iter()
-        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
-        .max(f64::MIN_POSITIVE);
-    let mut max = 0.0f64;
-    let mut worst = None;
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        let err = if g.is_finite() {
-            (f64::from(g) - f64::from(c)).abs() / scale
-        } else {
-            f64::INFINITY
-        };
-        if err > max || (worst.is_none() && err.is_infinite()) {
-            max = err;
-            worst = Some((i, f64::from(g), f64::from(c)));
-        }
-    }
-    Outcome {
-        name,
-        elements: gpu.len(),
-        max_rel_err: max,
-        bound,
-        worst,
-    }
 }
 
 /// The backward, twice per shape.

@@ -76,6 +76,40 @@ pub fn compare(name: impl Into<String>, gpu: &[f32], cpu: &[f32], bound: f64) ->
     }
 }
 
+/// [`compare`]'s outcome with the error measured against the output's scale:
+/// `max_i |gpu_i - cpu_i| / max_j |cpu_j|`; a NaN or infinity on either side counts as
+/// infinite. For outputs whose elementwise errors are absolute rather than relative: a
+/// composition of layers (whose bf16 drift does not shrink near zero), or a gradient whose
+/// formula subtracts nearly equal terms. Each caller justifies its bound.
+pub fn compare_to_scale(name: impl Into<String>, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
+    assert_eq!(gpu.len(), cpu.len(), "compare_to_scale: lengths differ");
+    let scale = cpu
+        .iter()
+        .fold(0.0f64, |m, &x| m.max(f64::from(x).abs()))
+        .max(f64::MIN_POSITIVE);
+    let mut max = 0.0f64;
+    let mut worst = None;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let (g, c) = (f64::from(g), f64::from(c));
+        let err = if g.is_finite() && c.is_finite() {
+            (g - c).abs() / scale
+        } else {
+            f64::INFINITY
+        };
+        if err > max || (worst.is_none() && err.is_infinite()) {
+            max = err;
+            worst = Some((i, g, c));
+        }
+    }
+    Outcome {
+        name: name.into(),
+        elements: gpu.len(),
+        max_rel_err: max,
+        bound,
+        worst,
+    }
+}
+
 /// One kernel family's checks: runs its kernels and returns one outcome per output.
 pub type CheckFn = fn(&Gpu, &mut Inputs) -> Result<Vec<Outcome>>;
 
@@ -166,6 +200,7 @@ pub fn registry() -> Vec<KernelCheck> {
     all.extend(super::ce::checks());
     all.extend(super::optim::checks());
     all.extend(super::vit::checks());
+    all.extend(super::head::checks());
     all
 }
 
@@ -268,6 +303,21 @@ mod tests {
         assert!(o.max_rel_err.is_infinite());
         let o = compare("other error", &[f32::INFINITY, 1.5, 2.0], &cpu, 1e-5);
         assert!((o.max_rel_err - 0.5).abs() < 1e-9, "{}", o.max_rel_err);
+    }
+
+    #[test]
+    fn compare_to_scale_judges_every_element_against_the_largest() {
+        let cpu = [4.0f32, 1e-6, -2.0];
+        // 0.04 off on a near-zero element: 1% of the scale (4.0).
+        let o = compare_to_scale("near zero", &[4.0, 0.04, -2.0], &cpu, 2e-2);
+        assert!(
+            (o.max_rel_err - 0.01).abs() < 1e-6 && o.passed(),
+            "{}",
+            o.max_rel_err
+        );
+        assert_eq!(o.worst.map(|w| w.0), Some(1));
+        let o = compare_to_scale("nan", &[4.0, f32::NAN, -2.0], &cpu, 1.0);
+        assert!(o.max_rel_err.is_infinite() && !o.passed());
     }
 
     #[test]

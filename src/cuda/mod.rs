@@ -22,6 +22,7 @@ pub mod ce;
 pub mod check;
 pub mod context;
 pub mod emu;
+pub mod head;
 pub mod layers;
 pub mod optim;
 pub mod pool;

@@ -26,7 +26,7 @@ use half::bf16;
 
 use super::attention;
 use super::blas::Blas;
-use super::check::{self, Inputs, KernelCheck, Outcome};
+use super::check::{self, compare_to_scale, Inputs, KernelCheck, Outcome};
 use super::context::Gpu;
 use super::layers::{self, ImageElement};
 use super::optim;
@@ -69,7 +69,10 @@ fn copy_device<T: DeviceRepr>(
 }
 
 /// Zeroes `dst` on the compute stream (a memset; a host write under the emulator).
-fn zero_device<T: DeviceRepr>(gpu: &Gpu, dst: &mut impl DeviceSliceMut<T>) -> Result<()> {
+pub(crate) fn zero_device<T: DeviceRepr>(
+    gpu: &Gpu,
+    dst: &mut impl DeviceSliceMut<T>,
+) -> Result<()> {
     let bytes = dst.len() * std::mem::size_of::<T>();
     if bytes == 0 {
         return Ok(());
@@ -794,38 +797,7 @@ impl GpuBackbone {
 // ---------------------------------------------------------------------------------------
 // Checks
 
-/// `max_i |gpu_i - cpu_i| / max_j |cpu_j|`: the error against the output's scale (a NaN
-/// or infinity on the GPU side counts as infinite).
-fn scale_error(name: String, gpu: &[f32], cpu: &[f32], bound: f64) -> Outcome {
-    assert_eq!(gpu.len(), cpu.len(), "scale_error: lengths differ");
-    let scale = cpu
-        .iter()
-        .fold(0.0f64, |s, &x| s.max(f64::from(x).abs()))
-        .max(f64::MIN_POSITIVE);
-    let mut max = 0.0f64;
-    let mut worst = None;
-    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
-        let (g, c) = (f64::from(g), f64::from(c));
-        let err = if g.is_finite() && c.is_finite() {
-            (g - c).abs() / scale
-        } else {
-            f64::INFINITY
-        };
-        if err > max || (worst.is_none() && err.is_infinite()) {
-            max = err;
-            worst = Some((i, g, c));
-        }
-    }
-    Outcome {
-        name,
-        elements: gpu.len(),
-        max_rel_err: max,
-        bound,
-        worst,
-    }
-}
-
-/// Bound on [`scale_error`] of the backbone's output. The GPU stores every activation in
+/// Bound on [`compare_to_scale`] of the backbone's output. The GPU stores every activation in
 /// bf16 (2^-9 relative per rounding) where the twin keeps f32, about ten roundings per
 /// block over four blocks, and each layernorm rescales what the previous roundings left;
 /// the errors do not cancel per element the way they do for one kernel, so the usual
@@ -889,7 +861,7 @@ fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         let mut cpu = BackboneActs::default();
         net.backbone_forward(&params, &images, batch, side, None, &mut cpu);
         let kind = if bf16_images { "bf16" } else { "f32" };
-        outcomes.push(scale_error(
+        outcomes.push(compare_to_scale(
             format!(
                 "vit backbone forward: tokens {batch}x{}x{d} ({side}x{side} {kind} views), \
                  max|gpu-cpu| / max|cpu|",
@@ -903,7 +875,7 @@ fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
-/// Bound on [`scale_error`] of each parameter gradient. Every activation the backward
+/// Bound on [`compare_to_scale`] of each parameter gradient. Every activation the backward
 /// reads was stored in bf16 by the forward (which already drifts ~1e-2 from the twin's f32
 /// ones, [`BACKBONE_BOUND`]), and the backward stores every gradient it passes on in bf16
 /// too (the residual stream's, accumulated in bf16 once per branch, and each GEMM's input
@@ -974,14 +946,14 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
                 continue;
             }
             let r = info.range();
-            outcomes.push(scale_error(
+            outcomes.push(compare_to_scale(
                 format!("vit backbone backward ({what}): d {}", info.name),
                 &gpu_grads[r.clone()],
                 &cpu[r],
                 BACKWARD_BOUND,
             ));
         }
-        outcomes.push(scale_error(
+        outcomes.push(compare_to_scale(
             format!("vit backbone backward ({what}): the whole gradient buffer"),
             &gpu_grads,
             &cpu,
@@ -1003,20 +975,4 @@ pub fn checks() -> Vec<KernelCheck> {
             run: check_backward,
         },
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scale_error_is_relative_to_the_largest_reference_value() {
-        let cpu = [4.0f32, -2.0, 1e-6];
-        let o = scale_error("s".into(), &[4.0, -2.0, 0.04], &cpu, 3e-2);
-        assert!((o.max_rel_err - 0.01).abs() < 1e-6, "{}", o.max_rel_err);
-        assert!(o.passed());
-        assert_eq!(o.worst.map(|w| w.0), Some(2));
-        let o = scale_error("nan".into(), &[4.0, f32::NAN, 0.0], &cpu, 3e-2);
-        assert!(o.max_rel_err.is_infinite() && !o.passed());
-    }
 }
