@@ -201,6 +201,7 @@ pub fn registry() -> Vec<KernelCheck> {
     all.extend(super::optim::checks());
     all.extend(super::vit::checks());
     all.extend(super::head::checks());
+    all.extend(super::step::checks());
     all
 }
 

@@ -27,6 +27,7 @@ pub mod layers;
 pub mod optim;
 pub mod pool;
 pub mod ptx;
+pub mod step;
 pub mod upload;
 pub mod views;
 pub mod vit;

@@ -213,7 +213,7 @@ pub struct GpuBackbone {
     /// fp32 master parameters, the whole flat buffer of [`Network::table`].
     master: Buf<f32>,
     /// `master` rounded to bf16 (same layout): the GEMMs' weights.
-    half: Buf<bf16>,
+    pub(crate) half: Buf<bf16>,
     cls: Range<usize>,
     pos: Range<usize>,
     patch: Linear,
