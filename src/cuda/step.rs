@@ -12,6 +12,10 @@
 //! zeroed token gradient, and the student backbone backward of both calls into the flat fp32
 //! gradient buffer (zeroed at the start).
 //!
+//! [`GpuStep::step`] then runs the optimiser side as [`StepRunner::step`] does, from
+//! [`super::optim`] and [`ce::update_center`]: last-layer freeze, gradient norm and skip flag,
+//! clipping, the split AdamW, the teacher EMA, the bf16 copies, the centre.
+//!
 //! Not yet on the GPU: stochastic depth. [`GpuBackbone`] runs with masks of ones, so
 //! [`GpuStep::new`] refuses a network whose `drop_path` is not 0 rather than train a
 //! different objective silently.
@@ -23,12 +27,14 @@ use super::ce::{self, GpuLayout, GpuStudent, GpuTeacher, TeacherShape};
 use super::check::{self, compare, compare_to_scale, Inputs, KernelCheck, Outcome};
 use super::context::{grid_for, Arg, Gpu};
 use super::head::GpuHead;
+use super::optim::{self, DeviceAdamW, GradNorm, ScalarRef, TensorClipPlan};
 use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
 use super::vit::{zero_device, GpuBackbone};
 use crate::error::{Error, Result};
 use crate::loss::{LossConfig, StudentLayout};
 use crate::model::vit::Network;
-use crate::train::step::{StepRunner, Weights};
+use crate::optim::{ClipMode, OptimConfig, Schedules};
+use crate::train::step::{StepRunner, StepStats, Weights};
 use crate::views::batch::ViewBatch;
 use crate::views::config::ViewConfig;
 
@@ -257,11 +263,35 @@ pub struct GpuStep {
     grads: Buf<f32>,
     /// The last batch's teacher logits `(G, B, T_g, K)`, for the centre update.
     teacher_logits: Option<Buf<bf16>>,
+    /// Clipping, freeze and AdamW settings (the runner's).
+    optim: OptimConfig,
+    /// The lr, weight decay and teacher momentum per step (the runner's).
+    schedules: Schedules,
+    /// The student's AdamW state.
+    adam: DeviceAdamW,
+    /// [`optim::upload_decay_mask`] of the network's table.
+    decay_mask: Buf<u8>,
+    /// The gradient norm and skip flag of the last step.
+    norm: GradNorm,
+    /// Per-tensor clipping's plan, made when the configuration asks for it.
+    clip_plan: Option<TensorClipPlan>,
+}
+
+/// The weights a [`GpuStep`] holds, on the host.
+#[derive(Clone, Debug)]
+pub struct HostWeights {
+    /// The student's fp32 master parameters (the flat layout of [`Network::table`]).
+    pub student: Vec<f32>,
+    /// The teacher's fp32 master parameters.
+    pub teacher: Vec<f32>,
+    /// The teacher centre `(T_g, K)`.
+    pub center: Vec<f32>,
 }
 
 impl GpuStep {
     /// Uploads `w`'s student and teacher parameters (fp32 masters, bf16 copies made on the
-    /// device) and its centre, for batches of `runner`'s network, views and loss.
+    /// device), its AdamW state and its centre, for batches of `runner`'s network, views,
+    /// loss, optimiser settings and schedules.
     ///
     /// An error when the network has stochastic depth (`drop_path` > 0): the GPU backbone
     /// has none yet.
@@ -290,6 +320,17 @@ impl GpuStep {
         let teacher = GpuBackbone::new(gpu, &net, &w.teacher)?;
         let student = GpuBackbone::new(gpu, &net, &w.student)?;
         let head = GpuHead::new(&net);
+        let clip_plan = match runner.optim.clip_mode {
+            ClipMode::PerTensor if runner.optim.clip_grad > 0.0 => {
+                Some(TensorClipPlan::new(gpu, &net.table)?)
+            }
+            _ => None,
+        };
+        assert_eq!(
+            w.adam.split,
+            runner.last_layer_offset(),
+            "GpuStep::new: AdamW state split elsewhere than the last layer"
+        );
         Ok(GpuStep {
             views: runner.views.clone(),
             loss: runner.loss.clone(),
@@ -301,6 +342,12 @@ impl GpuStep {
             center: gpu.pool().upload(&w.center)?,
             grads: gpu.pool().alloc::<f32>(total)?,
             teacher_logits: None,
+            optim: runner.optim.clone(),
+            schedules: runner.schedules,
+            adam: DeviceAdamW::from_host(gpu, &w.adam)?,
+            decay_mask: optim::upload_decay_mask(gpu, &net.table)?,
+            norm: GradNorm::new(gpu)?,
+            clip_plan,
             net,
         })
     }
@@ -466,6 +513,130 @@ impl GpuStep {
         self.teacher_logits = Some(t_logits);
         Ok(loss)
     }
+
+    /// One training step on `batch` (its index is the step number): the twin of
+    /// [`StepRunner::step`]. [`forward_backward`](Self::forward_backward), then the
+    /// last-layer freeze, the gradient norm, clipping, the split AdamW (which writes the
+    /// student's bf16 copy), the teacher EMA (which writes the teacher's), the GEMM bias
+    /// copies, and the centre update with this batch's teacher logits. The lr, weight
+    /// decay, momentum and teacher temperature are the runner's schedules at the batch
+    /// index, as the CPU's.
+    ///
+    /// A non-finite loss, norm or gradient skips AdamW (step counts included), the EMA and
+    /// the centre, as the CPU does: AdamW and the EMA read the skip flag on the device; the
+    /// host reads it back (with the norm, for the stats) before the centre update. On a
+    /// skipped step the gradient buffer may have been clipped (the CPU leaves it).
+    ///
+    /// # Panics
+    /// As [`forward_backward`](Self::forward_backward).
+    pub fn step(&mut self, gpu: &Gpu, batch: &ViewBatch) -> Result<StepStats> {
+        let loss = self.forward_backward(gpu, batch)?;
+        let step = batch.index;
+        let epoch = step / self.steps_per_epoch.max(1);
+        let b = batch.len();
+        let layout = StudentLayout::new(&batch.pairs, b, self.loss.kind.uses_patches());
+        let mut stats = StepStats {
+            step,
+            epoch,
+            loss: loss as f32,
+            lr: self.schedules.lr.at(step),
+            weight_decay: self.schedules.weight_decay.at(step),
+            momentum: self.schedules.momentum.at(step),
+            teacher_temp: self.loss.teacher_temp_at(epoch as usize),
+            head_rows: layout.rows(),
+            ..StepStats::default()
+        };
+        // Frozen: the last layer's gradients are zeroed (out of the norm and the clipping)
+        // and AdamW leaves that layer alone (see SplitAdamW).
+        let frozen = optim::cancel_last_layer_grads(
+            gpu,
+            &mut self.grads,
+            &self.net.table,
+            epoch as usize,
+            self.optim.freeze_last_layer,
+        )?;
+        // The loss as the CPU's f32, on the device for the skip flag.
+        let loss_dev = gpu.pool().upload(&[stats.loss])?;
+        optim::grad_norm(
+            gpu,
+            &self.grads,
+            Some(ScalarRef::new(&loss_dev, 0)),
+            &mut self.norm,
+        )?;
+        if self.optim.clip_grad > 0.0 {
+            let max_norm = self.optim.clip_grad as f32;
+            match (self.optim.clip_mode, self.clip_plan.as_mut()) {
+                (ClipMode::PerTensor, Some(plan)) => {
+                    optim::clip_per_tensor(gpu, &mut self.grads, plan, max_norm)?;
+                }
+                (ClipMode::PerTensor, None) => unreachable!("GpuStep::new makes the plan"),
+                (ClipMode::GlobalNorm, _) => {
+                    optim::clip_global_norm(gpu, &mut self.grads, &self.norm, max_norm)?;
+                }
+            }
+        }
+        let skip = Some(self.norm.skip());
+        self.adam.step(
+            gpu,
+            &mut self.student.master,
+            &mut self.student.half,
+            &self.grads,
+            stats.lr as f32,
+            stats.weight_decay as f32,
+            &self.decay_mask,
+            frozen,
+            skip,
+        )?;
+        optim::ema_update(
+            gpu,
+            &mut self.teacher.master,
+            &mut self.teacher.half,
+            &self.student.master,
+            stats.momentum as f32,
+            skip,
+        )?;
+        // AdamW and the EMA wrote the flat bf16 copies (all of them that changed: a frozen
+        // last layer is not written and did not change), but not the GEMM bias copies that
+        // GpuBackbone keeps apart; refresh_bf16 remakes both. It re-rounds the whole
+        // buffer (one extra pass of 6 bytes per element and network); a bias-only refresh
+        // in vit.rs would remove that.
+        self.student.refresh_bf16(gpu)?;
+        self.teacher.refresh_bf16(gpu)?;
+        let norm = self.norm.read()?;
+        stats.grad_norm = norm.norm;
+        stats.skipped = norm.skip;
+        drop(loss_dev);
+        if !stats.skipped {
+            let logits = self
+                .teacher_logits
+                .as_ref()
+                .expect("forward_backward keeps the teacher logits");
+            let shape = TeacherShape {
+                views: self.views.global.count,
+                batch: b,
+                tokens: self.teacher_tokens(),
+                classes: self.net.head.out_dim,
+            };
+            ce::update_center(
+                gpu,
+                &mut self.center,
+                logits,
+                shape,
+                self.loss.center_momentum,
+            )?;
+        }
+        Ok(stats)
+    }
+
+    /// The student and teacher fp32 masters and the centre, on the host (waits for the
+    /// GPU): for checkpoints and comparisons.
+    pub fn download_weights(&self) -> Result<HostWeights> {
+        Ok(HostWeights {
+            student: self.student.master().to_vec()?,
+            teacher: self.teacher.master().to_vec()?,
+            center: self.center.to_vec()?,
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -540,7 +711,17 @@ const LOSS_BOUND: f64 = 2e-2;
 /// gathered and scattered one row off gave 0.11-0.38 (cls_token, pos_embed 0.38).
 const GRAD_BOUND: f64 = 5e-2;
 
-/// One batch through [`GpuStep::forward_backward`] and [`StepRunner::forward_backward`]:
+/// What [`step_setup`] makes: the runner, its weights and one batch.
+struct StepSetup {
+    runner: StepRunner,
+    w: Weights,
+    batch: ViewBatch,
+    net: Network,
+    /// The configuration in words, for outcome names.
+    what: String,
+}
+
+/// The step checks' set-up:
 /// Femto with 4-pixel patches on the small28 views of the embedded Fashion-MNIST pack, 2
 /// global views of 28 and 3 local views of 12, batch 2, a 3-layer head (hidden 96,
 /// bottleneck 32, K = 64), PWML, drop path 0 on both sides. Parameters from
@@ -549,8 +730,8 @@ const GRAD_BOUND: f64 = 5e-2;
 /// 0.1, as the backbone and head checks do, so every tensor matters against the bf16
 /// drift); the student then gets N(0, 0.02^2) added everywhere so that it differs from the
 /// teacher; a random centre; everything rounded to bf16 so both sides see the same
-/// numbers. Outcomes: the loss, every tensor's gradient, the whole gradient buffer.
-fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+/// numbers.
+fn step_setup(inputs: &mut Inputs) -> Result<StepSetup> {
     use crate::loss::LossKind;
     use crate::model::config::{Arch, HeadConfig};
     use crate::train::TrainConfig;
@@ -576,7 +757,7 @@ fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     let steps_per_epoch = 10;
     let schedules = cfg.optim.schedules(batch_size, 2, steps_per_epoch)?;
     let seed = inputs.below(1 << 30) as u64;
-    let mut runner = StepRunner::new(
+    let runner = StepRunner::new(
         net.clone(),
         views.clone(),
         cfg.loss.clone(),
@@ -616,6 +797,31 @@ fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         *v = check::round_bf16(v);
     }
 
+    Ok(StepSetup {
+        what: format!(
+            "(Femto, B {batch_size}, 2x28 + {locals}x12 views, K {}, PWML)",
+            net.head.out_dim
+        ),
+        runner,
+        w,
+        batch,
+        net,
+    })
+}
+
+/// [`step_setup`]'s batch through [`GpuStep::forward_backward`] and
+/// [`StepRunner::forward_backward`]. Outcomes: the loss, every tensor's gradient, the whole
+/// gradient buffer.
+fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+    let StepSetup {
+        mut runner,
+        w,
+        batch,
+        net,
+        ..
+    } = step_setup(inputs)?;
+    let batch_size = batch.len();
+    let locals = batch.views.len() - 2;
     let cpu = runner.forward_backward(&w, &batch);
     let cpu_grads = runner.grads().to_vec();
     let mut step = GpuStep::new(gpu, &runner, &w)?;
@@ -660,6 +866,174 @@ fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
+/// Bound on [`compare_to_scale`] of each tensor's change in one full step (student and
+/// teacher). The student's change is AdamW's `lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)`:
+/// it normalises the gradient, so the gradient's bf16 error (at most ~1.7e-2 of each
+/// tensor's gradient scale, [`GRAD_BOUND`]'s measurements) reaches the change divided by
+/// the gradient's own size, not the tensor's. At a fresh state (first step) `m_hat /
+/// sqrt(v_hat)` is `sign(g)`, and any element whose gradient is below the error flips,
+/// an error of 2 lr: no bound tells a bug apart. With a restored state of realistic
+/// moments (see [`check_full_step`]) the new gradient enters with weight `1 - beta1 = 0.1`
+/// against moments of the tensor's gradient scale, so the change's error is ~0.1 x the
+/// gradient's relative error x (max |g| / rms g) over a change of order lr: a few 1e-3.
+/// The teacher's change is `(1 - momentum) (student' - teacher)`, dominated by the
+/// student-teacher difference both sides share. A missing or wrong update (no EMA, no
+/// AdamW, the frozen layer written, the wrong lr) is off by the order of the change itself.
+/// Measured on the emulator (seed 0): student at most 1.5e-3 (pos_embed), teacher at most
+/// 2e-5, the centre 3.4e-3. Mutations tried: no EMA (momentum 1) gave 1.0 on every teacher
+/// tensor; the frozen last layer stepped gave an infinite error there; the centre update
+/// left out gave 1.0.
+const CHANGE_BOUND: f64 = 1e-1;
+
+/// Bound on [`compare_to_scale`] of the centre's change `(1 - m) (mean t - C)`: the teacher
+/// logits are bf16 off the f32 twin by ~1e-2 of their scale (the backbone and head checks)
+/// and the mean over G * B = 4 rows does not shrink that; 5e-2 keeps a margin.
+const CENTER_BOUND: f64 = 5e-2;
+
+/// The change `after - before` of one tensor, compared to the CPU's: [`compare_to_scale`],
+/// except that a tensor the CPU leaves exactly alone (the frozen last layer) must be left
+/// exactly alone on the GPU too.
+fn compare_change(
+    name: String,
+    gpu: (&[f32], &[f32]),
+    cpu: (&[f32], &[f32]),
+    bound: f64,
+) -> Outcome {
+    let delta = |(before, after): (&[f32], &[f32])| -> Vec<f32> {
+        after.iter().zip(before).map(|(a, b)| a - b).collect()
+    };
+    let (dg, dc) = (delta(gpu), delta(cpu));
+    if dc.iter().all(|&x| x == 0.0) {
+        let worst = dg.iter().position(|&x| x != 0.0);
+        return Outcome {
+            name: format!("{name} (unchanged on the CPU: must be exactly unchanged)"),
+            elements: dg.len(),
+            max_rel_err: if worst.is_some() { f64::INFINITY } else { 0.0 },
+            bound: 0.0,
+            worst: worst.map(|i| (i, f64::from(dg[i]), 0.0)),
+        };
+    }
+    compare_to_scale(name, &dg, &dc, bound)
+}
+
+/// One full step, [`GpuStep::step`] against [`StepRunner::step`], on [`step_setup`]'s
+/// configuration (step 3 of epoch 0: the last layer frozen; global clipping at 3; the lr
+/// held at 1e-3, the weight decay and teacher momentum the schedules'). AdamW
+/// starts from a restored state as after 10 steps (see [`CHANGE_BOUND`] for why not a fresh
+/// one): per tensor, `m ~ N(0, r^2)` and `v = r^2 (0.5 + U(0, 1))` with `r` the rms of that
+/// tensor's gradient on this batch (the CPU's); the frozen last layer has zero moments and
+/// no step, as during a freeze. Outcomes: the skip flags, the gradient norm (relative,
+/// [`GRAD_BOUND`]), each student and teacher tensor's change ([`compare_change`],
+/// [`CHANGE_BOUND`]) and the centre's change ([`CENTER_BOUND`]).
+fn check_full_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
+    use crate::train::step::SplitAdamW;
+    let StepSetup {
+        mut runner,
+        mut w,
+        batch,
+        net,
+        what,
+    } = step_setup(inputs)?;
+    runner.forward_backward(&w, &batch);
+    let g = runner.grads().to_vec();
+    let split = runner.last_layer_offset();
+    let (mut m, mut v) = (vec![0.0f32; g.len()], vec![0.0f32; g.len()]);
+    for info in net.table.tensors() {
+        let r = info.range();
+        if r.start >= split {
+            continue;
+        }
+        let rms = (g[r.clone()]
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            / r.len() as f64)
+            .sqrt() as f32;
+        let noise = inputs.normal(r.len(), 1.0);
+        let spread = inputs.uniform(r.len(), 0.5, 1.5);
+        for (((mi, vi), z), u) in m[r.clone()]
+            .iter_mut()
+            .zip(&mut v[r.clone()])
+            .zip(noise)
+            .zip(spread)
+        {
+            *mi = rms * z;
+            *vi = rms * rms * u;
+        }
+    }
+    w.adam = SplitAdamW::from_state(m, v, (10, 0), split, &runner.optim)?;
+    // A constant lr of 1e-3 (DINO's ViT-S/16 peak): the schedule's warm-up lr at step 3 of
+    // this tiny batch is ~1e-7, a change of a few ulps of weights near 1, which f32 rounding
+    // would dominate. Both sides read the runner's schedules.
+    runner.schedules.lr = crate::optim::CosineSchedule {
+        base: 1e-3,
+        final_value: 1e-3,
+        warmup_iters: 0,
+        start_warmup: 1e-3,
+        ..runner.schedules.lr
+    };
+
+    let mut step = GpuStep::new(gpu, &runner, &w)?;
+    let before = w.clone();
+    let cpu = runner.step(&mut w, &batch);
+    let gpu_stats = step.step(gpu, &batch)?;
+    let after = step.download_weights()?;
+
+    let what = format!("step one full step {what}");
+    let mut outcomes = vec![
+        Outcome {
+            name: format!(
+                "{what}: skipped {} vs {} (must agree, and not skip)",
+                gpu_stats.skipped, cpu.skipped
+            ),
+            elements: 1,
+            max_rel_err: if gpu_stats.skipped == cpu.skipped && !cpu.skipped {
+                0.0
+            } else {
+                f64::INFINITY
+            },
+            bound: 0.0,
+            worst: None,
+        },
+        Outcome {
+            name: format!(
+                "{what}: grad norm {} vs {}, relative error",
+                gpu_stats.grad_norm, cpu.grad_norm
+            ),
+            elements: 1,
+            max_rel_err: if gpu_stats.grad_norm.is_finite() {
+                f64::from((gpu_stats.grad_norm - cpu.grad_norm).abs())
+                    / f64::from(cpu.grad_norm.abs()).max(f64::MIN_POSITIVE)
+            } else {
+                f64::INFINITY
+            },
+            bound: GRAD_BOUND,
+            worst: Some((0, f64::from(gpu_stats.grad_norm), f64::from(cpu.grad_norm))),
+        },
+    ];
+    for (side, b, gpu_after, cpu_after) in [
+        ("student", &before.student, &after.student, &w.student),
+        ("teacher", &before.teacher, &after.teacher, &w.teacher),
+    ] {
+        for info in net.table.tensors() {
+            let r = info.range();
+            outcomes.push(compare_change(
+                format!("{what}: {side} {} change", info.name),
+                (&b[r.clone()], &gpu_after[r.clone()]),
+                (&b[r.clone()], &cpu_after[r]),
+                CHANGE_BOUND,
+            ));
+        }
+    }
+    outcomes.push(compare_change(
+        format!("{what}: centre change"),
+        (&before.center, &after.center),
+        (&before.center, &w.center),
+        CENTER_BOUND,
+    ));
+    Ok(outcomes)
+}
+
 /// This family's parity checks (`check-kernels --filter step`).
 pub fn checks() -> Vec<KernelCheck> {
     vec![
@@ -670,6 +1044,10 @@ pub fn checks() -> Vec<KernelCheck> {
         KernelCheck {
             name: "step forward_backward (Femto, patch 4, 2x28 + 3x12 views, B 2, K 64, PWML)",
             run: check_step,
+        },
+        KernelCheck {
+            name: "step one full step (forward_backward, freeze, norm, clip, AdamW, EMA, centre)",
+            run: check_full_step,
         },
     ]
 }

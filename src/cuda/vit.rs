@@ -211,7 +211,7 @@ struct BlockParams {
 pub struct GpuBackbone {
     vit: VitConfig,
     /// fp32 master parameters, the whole flat buffer of [`Network::table`].
-    master: Buf<f32>,
+    pub(crate) master: Buf<f32>,
     /// `master` rounded to bf16 (same layout): the GEMMs' weights.
     pub(crate) half: Buf<bf16>,
     cls: Range<usize>,
