@@ -363,6 +363,48 @@ pub fn pwself_loss(
     matched_ce(layout, &weights, teacher, student, student_temp, grad) as f32
 }
 
+/// Teacher token `ti` of the layout for image `b`: its logits row and its centre row.
+fn teacher_row<'a>(
+    layout: &StudentLayout,
+    teacher: &TeacherLogits<'a>,
+    ti: usize,
+    b: usize,
+) -> (&'a [f32], &'a [f32]) {
+    let (k, t_g) = (teacher.classes, teacher.tokens);
+    let (view, token) = layout.teacher_tokens[ti];
+    let (view, token) = (view as usize, token as usize);
+    let at = (b * t_g + token) * k;
+    (
+        &teacher.views[view][at..at + k],
+        &teacher.center[token * k..(token + 1) * k],
+    )
+}
+
+/// Per (teacher token, image), index `ti * B + b`: the max and the log-sum-exp of
+/// `(t - C) / tau_t` (sum in f64 of `exp(x - max)`), so that each term of
+/// [`matched_ce`] needs a single pass for `p_t`. The CPU twin of the GPU's `teacher_stats`.
+/// Shapes as [`matched_ce`] checks them.
+pub fn teacher_stats(layout: &StudentLayout, teacher: &TeacherLogits) -> Vec<(f32, f32)> {
+    let (b_n, tau_t) = (layout.batch, teacher.temperature);
+    (0..layout.teacher_tokens.len() * b_n)
+        .into_par_iter()
+        .map(|i| {
+            let (t, c) = teacher_row(layout, teacher, i / b_n, i % b_n);
+            let max = t
+                .iter()
+                .zip(c)
+                .map(|(&t, &c)| (t - c) / tau_t)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = t
+                .iter()
+                .zip(c)
+                .map(|(&t, &c)| f64::from(((t - c) / tau_t - max).exp()))
+                .sum();
+            (max, z.ln() as f32)
+        })
+        .collect()
+}
+
 /// The fused matched-token cross-entropy: `sum over images b and terms e of w_e *
 /// H(p_t, q_s)` with `p_t = softmax((t_i[b, I] - C[I]) / tau_t)` and
 /// `q_s = softmax(s[b, u] / tau_s)`, and its gradient
@@ -410,35 +452,8 @@ pub fn matched_ce(
             teacher.views.len()
         );
     }
-    let teacher_row = |ti: usize, b: usize| -> (&[f32], &[f32]) {
-        let (view, token) = layout.teacher_tokens[ti];
-        let (view, token) = (view as usize, token as usize);
-        let at = (b * t_g + token) * k;
-        (
-            &teacher.views[view][at..at + k],
-            &teacher.center[token * k..(token + 1) * k],
-        )
-    };
-
-    // Per (teacher token, image): max and log-sum-exp of (t - C) / tau_t, so that each term
-    // needs a single pass for p_t. Index ti * B + b.
-    let stats: Vec<(f32, f32)> = (0..layout.teacher_tokens.len() * b_n)
-        .into_par_iter()
-        .map(|i| {
-            let (t, c) = teacher_row(i / b_n, i % b_n);
-            let max = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| (t - c) / tau_t)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| f64::from(((t - c) / tau_t - max).exp()))
-                .sum();
-            (max, z.ln() as f32)
-        })
-        .collect();
+    let teacher_row = |ti: usize, b: usize| teacher_row(layout, teacher, ti, b);
+    let stats = teacher_stats(layout, teacher);
 
     let u_n = layout.rows_per_image();
     let mut row_loss = vec![0.0f64; layout.rows()];

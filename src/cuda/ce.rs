@@ -496,37 +496,6 @@ fn random_pairs(
     pairs
 }
 
-/// The CPU's per-(teacher token, image) statistics, computed as [`loss::matched_ce`] does
-/// (it keeps them internal): max of `(t - C) / tau_t` and ln of the f64 sum of
-/// `exp(x - max)`. Index `ti * B + b`.
-fn cpu_teacher_stats(layout: &StudentLayout, teacher: &TeacherLogits) -> (Vec<f32>, Vec<f32>) {
-    let (k, t_g, b_n) = (teacher.classes, teacher.tokens, layout.batch());
-    let tau_t = teacher.temperature;
-    let mut max = Vec::new();
-    let mut ln_z = Vec::new();
-    for &(view, token) in layout.teacher_tokens() {
-        let (view, token) = (view as usize, token as usize);
-        let c = &teacher.center[token * k..(token + 1) * k];
-        for b in 0..b_n {
-            let at = (b * t_g + token) * k;
-            let t = &teacher.views[view][at..at + k];
-            let m = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| (t - c) / tau_t)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| f64::from(((t - c) / tau_t - m).exp()))
-                .sum();
-            max.push(m);
-            ln_z.push(z.ln() as f32);
-        }
-    }
-    (max, ln_z)
-}
-
 fn check_ce(gpu: &Gpu, inputs: &mut Inputs, case: CeCase) -> Result<Vec<Outcome>> {
     const GLOBAL_GRID: u32 = 6;
     let pairs = random_pairs(inputs.stream(), 96, (GLOBAL_GRID, 3), case.locals);
@@ -595,7 +564,9 @@ fn check_ce(gpu: &Gpu, inputs: &mut Inputs, case: CeCase) -> Result<Vec<Outcome>
         student_temp,
         &mut cpu_grad,
     );
-    let (cpu_max, cpu_ln_z) = cpu_teacher_stats(&layout, &cpu_teacher);
+    let (cpu_max, cpu_ln_z): (Vec<f32>, Vec<f32>) = loss::teacher_stats(&layout, &cpu_teacher)
+        .into_iter()
+        .unzip();
     let gpu_max: Vec<f32> = gpu_stats.iter().step_by(2).copied().collect();
     let gpu_ln_z: Vec<f32> = gpu_stats.iter().skip(1).step_by(2).copied().collect();
     Ok(vec![
