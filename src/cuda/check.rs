@@ -12,6 +12,7 @@ use half::bf16;
 use super::context::Gpu;
 use super::pool::Buf;
 use crate::error::Result;
+use crate::model::params::ParamTable;
 use crate::rng::{Purpose, Stream};
 
 /// Bound for outputs computed and stored in fp32.
@@ -108,6 +109,50 @@ pub fn compare_to_scale(name: impl Into<String>, gpu: &[f32], cpu: &[f32], bound
         bound,
         worst,
     }
+}
+
+/// Starting values for a gradient buffer laid out by `table`, so that a check of an
+/// accumulating backward also tests the accumulation: N(0, 1) per element, scaled per tensor
+/// to a quarter of the largest gradient a first run into zeros gave (`scale_run`), or 1 for
+/// a tensor that run left at zero. A lost accumulation then costs about half a tensor's
+/// scale without the starting values swamping the gradient.
+pub fn start_gradients(table: &ParamTable, scale_run: &[f32], inputs: &mut Inputs) -> Vec<f32> {
+    let mut start = inputs.normal(table.total(), 1.0);
+    for info in table.tensors() {
+        let r = info.range();
+        let s = scale_run[r.clone()]
+            .iter()
+            .fold(0.0f32, |s, x| s.max(x.abs()));
+        let s = if s > 0.0 { 0.25 * s } else { 1.0 };
+        start[r].iter_mut().for_each(|x| *x *= s);
+    }
+    start
+}
+
+/// [`compare_to_scale`] per tensor of a flat gradient laid out by `table` (those whose name
+/// `keep` accepts), each named "`label`: d `tensor`".
+pub fn compare_tensors(
+    table: &ParamTable,
+    label: &str,
+    gpu: &[f32],
+    cpu: &[f32],
+    bound: f64,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<Outcome> {
+    table
+        .tensors()
+        .iter()
+        .filter(|info| keep(&info.name))
+        .map(|info| {
+            let r = info.range();
+            compare_to_scale(
+                format!("{label}: d {}", info.name),
+                &gpu[r.clone()],
+                &cpu[r],
+                bound,
+            )
+        })
+        .collect()
 }
 
 /// One kernel family's checks: runs its kernels and returns one outcome per output.

@@ -486,15 +486,7 @@ fn check_head(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         &dlogits,
         &mut scale_dx,
     );
-    let mut start = inputs.normal(total, 1.0);
-    for info in net.table.tensors() {
-        let r = info.range();
-        let s = scale_run[r.clone()]
-            .iter()
-            .fold(0.0f32, |s, x| s.max(x.abs()));
-        let s = if s > 0.0 { 0.25 * s } else { 1.0 };
-        start[r].iter_mut().for_each(|x| *x *= s);
-    }
+    let start = check::start_gradients(&net.table, &scale_run, inputs);
     let mut cpu = start.clone();
     let mut cpu_dx = vec![0.0f32; m * d];
     net.head_backward(

@@ -848,15 +848,14 @@ fn check_step(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         bound: LOSS_BOUND,
         worst: Some((0, gpu_loss, cpu_loss)),
     }];
-    for info in net.table.tensors() {
-        let r = info.range();
-        outcomes.push(compare_to_scale(
-            format!("{what}: d {}", info.name),
-            &gpu_grads[r.clone()],
-            &cpu_grads[r],
-            GRAD_BOUND,
-        ));
-    }
+    outcomes.extend(check::compare_tensors(
+        &net.table,
+        &what,
+        &gpu_grads,
+        &cpu_grads,
+        GRAD_BOUND,
+        |_| true,
+    ));
     outcomes.push(compare_to_scale(
         format!("{what}: the whole gradient buffer"),
         &gpu_grads,

@@ -915,15 +915,7 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         net.backbone_forward(&params, &images, batch, side, None, &mut cpu_acts);
         let mut scale_run = vec![0.0f32; total];
         net.backbone_backward(&params, &mut scale_run, &cpu_acts, &dout);
-        let mut start = inputs.normal(total, 1.0);
-        for info in net.table.tensors() {
-            let r = info.range();
-            let s = scale_run[r.clone()]
-                .iter()
-                .fold(0.0f32, |s, x| s.max(x.abs()));
-            let s = if s > 0.0 { 0.25 * s } else { 1.0 };
-            start[r].iter_mut().for_each(|x| *x *= s);
-        }
+        let start = check::start_gradients(&net.table, &scale_run, inputs);
         let mut cpu = start.clone();
         net.backbone_backward(&params, &mut cpu, &cpu_acts, &dout);
 
@@ -941,18 +933,14 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
 
         let kind = if bf16_images { "bf16" } else { "f32" };
         let what = format!("{batch}x{side}x{side} {kind} views");
-        for info in net.table.tensors() {
-            if info.name.starts_with("head.") {
-                continue;
-            }
-            let r = info.range();
-            outcomes.push(compare_to_scale(
-                format!("vit backbone backward ({what}): d {}", info.name),
-                &gpu_grads[r.clone()],
-                &cpu[r],
-                BACKWARD_BOUND,
-            ));
-        }
+        outcomes.extend(check::compare_tensors(
+            &net.table,
+            &format!("vit backbone backward ({what})"),
+            &gpu_grads,
+            &cpu,
+            BACKWARD_BOUND,
+            |name| !name.starts_with("head."),
+        ));
         outcomes.push(compare_to_scale(
             format!("vit backbone backward ({what}): the whole gradient buffer"),
             &gpu_grads,
