@@ -459,33 +459,9 @@ impl GpuViewBuilder {
     /// reads them (upload the result). Refuses a pack of another size and indices past its
     /// end, like [`ViewBuilder::build_into`].
     pub fn gather(&self, pack: &Pack, images: &[u32]) -> Result<Vec<u8>> {
-        if (pack.height(), pack.width(), pack.channels())
-            != (self.height, self.width, self.channels)
-        {
-            return Err(Error::bad_file(
-                pack.origin(),
-                format!(
-                    "images are {}x{}x{} but the view builder was made for {}x{}x{}; make one builder per pack",
-                    pack.height(),
-                    pack.width(),
-                    pack.channels(),
-                    self.height,
-                    self.width,
-                    self.channels
-                ),
-            ));
-        }
+        self.cpu.check_pack(pack, images)?;
         let mut out = Vec::with_capacity(images.len() * self.image_len());
         for &i in images {
-            if i as usize >= pack.len() {
-                return Err(Error::bad_file(
-                    pack.origin(),
-                    format!(
-                        "image index {i} is out of range: the pack holds {} images",
-                        pack.len()
-                    ),
-                ));
-            }
             out.extend_from_slice(pack.image(i as usize));
         }
         Ok(out)

@@ -136,16 +136,10 @@ impl ViewBuilder {
             .collect()
     }
 
-    /// Builds batch `index` of `images` (dataset indices into `pack`), reusing `out`'s
-    /// buffers. Runs in parallel over (view, image) on the current rayon pool.
-    pub fn build_into(
-        &self,
-        pack: &Pack,
-        index: u64,
-        epoch: u64,
-        images: &[u32],
-        out: &mut ViewBatch,
-    ) -> Result<()> {
+    /// Refuses a pack whose images are not the size this builder was made for, and image
+    /// indices past the pack's end: what [`build_into`](Self::build_into) and the GPU view
+    /// builder check before reading images.
+    pub fn check_pack(&self, pack: &Pack, images: &[u32]) -> Result<()> {
         if pack.height() != self.height
             || pack.width() != self.width
             || pack.channels() != self.channels
@@ -172,6 +166,20 @@ impl ViewBuilder {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Builds batch `index` of `images` (dataset indices into `pack`), reusing `out`'s
+    /// buffers. Runs in parallel over (view, image) on the current rayon pool.
+    pub fn build_into(
+        &self,
+        pack: &Pack,
+        index: u64,
+        epoch: u64,
+        images: &[u32],
+        out: &mut ViewBatch,
+    ) -> Result<()> {
+        self.check_pack(pack, images)?;
         let cfg = &self.cfg;
         let (b, c) = (images.len(), self.channels);
         out.index = index;
