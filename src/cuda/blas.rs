@@ -21,7 +21,7 @@ use half::bf16;
 use super::bench::BenchCase;
 use super::check::{self, compare, Inputs, KernelCheck, Outcome, BF16_BOUND};
 use super::context::Gpu;
-use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
+use super::pool::{Buf, DevView, DeviceSlice, DeviceSliceMut};
 use crate::error::{Error, Result};
 
 /// cuBLASLt's workspace: 32 MiB, what NVIDIA recommends for Hopper.
@@ -130,8 +130,8 @@ impl Blas {
         })
     }
 
-    /// `Y = X W^T (+ bias)`: `x` (M, K) bf16, `w` (N, K) bf16, `bias` (N) bf16, `y` (M, N)
-    /// bf16; fp32 accumulation. `accumulate` adds to `y` instead of overwriting it.
+    /// `Y = X W^T (+ bias)`: `x` (M, K) bf16, `w` (N, K) bf16, `bias` (N) bf16 (a slice,
+    /// e.g. of the flat bf16 parameter copy), `y` (M, N) bf16; fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
         &self,
@@ -139,7 +139,7 @@ impl Blas {
         y: &mut impl DeviceSliceMut<bf16>,
         x: &impl DeviceSlice<bf16>,
         w: &impl DeviceSlice<bf16>,
-        bias: Option<&Buf<bf16>>,
+        bias: Option<DevView<'_, bf16>>,
         (m, k, n): (usize, usize, usize),
     ) -> Result<()> {
         assert_eq!(x.len(), m * k, "linear_forward: x must be (M, K)");
@@ -462,7 +462,7 @@ fn check_linear(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
             pool.upload(&check::to_bf16(&dy))?,
         );
         let mut y = check::poisoned_bf16(gpu, m * n)?;
-        blas.linear_forward(gpu, &mut y, &xd, &wd, Some(&bd), (m, k, n))?;
+        blas.linear_forward(gpu, &mut y, &xd, &wd, Some(bd.slice(0..n)), (m, k, n))?;
         let mut dx = check::poisoned_bf16(gpu, m * k)?;
         blas.linear_backward_data(gpu, &mut dx, &dyd, &wd, (m, k, n), false)?;
         let mut dw = pool.upload(&dw0)?;

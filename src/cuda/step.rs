@@ -595,13 +595,8 @@ impl GpuStep {
             stats.momentum as f32,
             skip,
         )?;
-        // AdamW and the EMA wrote the flat bf16 copies (all of them that changed: a frozen
-        // last layer is not written and did not change), but not the GEMM bias copies that
-        // GpuBackbone keeps apart; refresh_bf16 remakes both. It re-rounds the whole
-        // buffer (one extra pass of 6 bytes per element and network); a bias-only refresh
-        // in vit.rs would remove that.
-        self.student.refresh_bf16(gpu)?;
-        self.teacher.refresh_bf16(gpu)?;
+        // AdamW and the EMA wrote the bf16 copies the GEMMs read (all of them that changed:
+        // a frozen last layer is not written and did not change).
         let norm = self.norm.read()?;
         stats.grad_norm = norm.norm;
         stats.skipped = norm.skip;

@@ -161,22 +161,19 @@ fn norm_backward(
     copy_device(gpu, &mut grads.slice_mut(norm.bias.clone()), &db)
 }
 
-/// A Linear whose GEMM adds the bias: where its weight and bias live in the flat buffers,
-/// and the bias's bf16 copy as a buffer of its own (cuBLASLt's bias epilogue takes one).
+/// A Linear whose GEMM adds the bias: where its weight and bias live in the flat buffers
+/// (the GEMM reads both from the bf16 copy).
 struct Linear {
     weight: Range<usize>,
     bias: Range<usize>,
-    bias_bf16: Buf<bf16>,
 }
 
 impl Linear {
-    fn new(gpu: &Gpu, table: &ParamTable, prefix: &str) -> Result<Linear> {
-        let bias = table.info(&format!("{prefix}.bias")).range();
-        Ok(Linear {
+    fn new(table: &ParamTable, prefix: &str) -> Linear {
+        Linear {
             weight: table.info(&format!("{prefix}.weight")).range(),
-            bias_bf16: gpu.pool().alloc::<bf16>(bias.len())?,
-            bias,
-        })
+            bias: table.info(&format!("{prefix}.bias")).range(),
+        }
     }
 }
 
@@ -289,24 +286,24 @@ impl GpuBackbone {
         let blocks = (0..net.vit.depth)
             .map(|i| {
                 let b = format!("blocks.{i}");
-                Ok(BlockParams {
+                BlockParams {
                     norm1: Norm::new(t, &format!("{b}.norm1")),
-                    qkv: Linear::new(gpu, t, &format!("{b}.attn.qkv"))?,
-                    proj: Linear::new(gpu, t, &format!("{b}.attn.proj"))?,
+                    qkv: Linear::new(t, &format!("{b}.attn.qkv")),
+                    proj: Linear::new(t, &format!("{b}.attn.proj")),
                     norm2: Norm::new(t, &format!("{b}.norm2")),
                     fc1_weight: t.info(&format!("{b}.mlp.fc1.weight")).range(),
                     fc1_bias: t.info(&format!("{b}.mlp.fc1.bias")).range(),
-                    fc2: Linear::new(gpu, t, &format!("{b}.mlp.fc2"))?,
-                })
+                    fc2: Linear::new(t, &format!("{b}.mlp.fc2")),
+                }
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
         let mut model = GpuBackbone {
             vit: net.vit.clone(),
             master: pool.upload(params)?,
             half: pool.alloc::<bf16>(params.len())?,
             cls: t.info("cls_token").range(),
             pos: t.info("pos_embed").range(),
-            patch: Linear::new(gpu, t, "patch_embed.proj")?,
+            patch: Linear::new(t, "patch_embed.proj"),
             blocks,
             norm: Norm::new(t, "norm"),
             resample: Mutex::new(HashMap::new()),
@@ -327,18 +324,10 @@ impl GpuBackbone {
     }
 
     /// Remakes the bf16 copy of the master parameters on the device (one rounding pass over
-    /// the flat buffer, then a copy of each GEMM bias into its own buffer).
+    /// the flat buffer). Not needed after the optimizer's kernels, which write the bf16 copy
+    /// of what they change.
     pub fn refresh_bf16(&mut self, gpu: &Gpu) -> Result<()> {
-        optim::round_bf16(gpu, &self.master, &mut self.half)?;
-        let linears = std::iter::once(&mut self.patch).chain(
-            self.blocks
-                .iter_mut()
-                .flat_map(|b| [&mut b.qkv, &mut b.proj, &mut b.fc2]),
-        );
-        for l in linears {
-            copy_device(gpu, &mut l.bias_bf16, &self.half.slice(l.bias.clone()))?;
-        }
-        Ok(())
+        optim::round_bf16(gpu, &self.master, &mut self.half)
     }
 
     /// Patches per side of a `side`-pixel view; an error when the view is not a positive
@@ -429,7 +418,7 @@ impl GpuBackbone {
             &mut patches,
             &cols,
             &h16.slice(self.patch.weight.clone()),
-            Some(&self.patch.bias_bf16),
+            Some(h16.slice(self.patch.bias.clone())),
             (batch * g * g, c * p * p, d),
         )?;
         // pos (1 + G*G, D) -> pos_view (1 + g*g, D), fp32
@@ -488,7 +477,7 @@ impl GpuBackbone {
                 &mut qkv,
                 &ln1,
                 &h16.slice(bp.qkv.weight.clone()),
-                Some(&bp.qkv.bias_bf16),
+                Some(h16.slice(bp.qkv.bias.clone())),
                 (n, d, 3 * d),
             )?;
             // (B, T, 3D) -> (B, T, D), lse (B, H, T)
@@ -500,7 +489,7 @@ impl GpuBackbone {
                 &mut branch,
                 &att,
                 &h16.slice(bp.proj.weight.clone()),
-                Some(&bp.proj.bias_bf16),
+                Some(h16.slice(bp.proj.bias.clone())),
                 (n, d, d),
             )?;
             // x_mid = x_in + mask * proj(att); x_in is kept for norm1's backward.
@@ -539,7 +528,7 @@ impl GpuBackbone {
                 &mut branch,
                 &a,
                 &h16.slice(bp.fc2.weight.clone()),
-                Some(&bp.fc2.bias_bf16),
+                Some(h16.slice(bp.fc2.bias.clone())),
                 (n, hdim, d),
             )?;
             // x_out = x_mid + mask * fc2(a); x_mid is kept for norm2's backward.
