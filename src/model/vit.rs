@@ -125,6 +125,31 @@ fn two_mut(
     (&mut lo[a], &mut hi[..b.len()])
 }
 
+impl BackboneActs {
+    /// The residual stream `(B, T, D)` after block `i` (before any norm): block `i + 1`'s
+    /// input, or the final norm's input for the last block.
+    ///
+    /// # Panics
+    /// If `i` is not a block of the last forward call.
+    pub fn block_output(&self, i: usize) -> &[f32] {
+        assert!(i < self.blocks.len(), "block_output: no block {i}");
+        if i + 1 == self.blocks.len() {
+            &self.x_final
+        } else {
+            &self.blocks[i + 1].x_in
+        }
+    }
+
+    /// Block `i`'s attention probabilities `(B, H, T, T)` (softmax rows sum to 1).
+    ///
+    /// # Panics
+    /// If `i` is not a block of the last forward call.
+    pub fn attention_probs(&self, i: usize) -> &[f32] {
+        assert!(i < self.blocks.len(), "attention_probs: no block {i}");
+        &self.blocks[i].probs
+    }
+}
+
 impl Network {
     /// The parameter layout for `vit` + `head`. Validates both.
     pub fn new(vit: VitConfig, head: HeadConfig) -> Result<Network> {
@@ -232,6 +257,17 @@ impl Network {
             return self.vit.drop_path;
         }
         self.vit.drop_path * i as f32 / (self.vit.depth - 1) as f32
+    }
+
+    /// The backbone's final LayerNorm applied to `x` `(n, D)` (any residual-stream rows,
+    /// e.g. [`BackboneActs::block_output`]), as the forward applies it to the last block's.
+    pub fn final_norm(&self, params: &[f32], x: &[f32]) -> Vec<f32> {
+        let d = self.vit.embed_dim;
+        let n = x.len() / d;
+        let (mut y, mut mean, mut rstd) = (vec![0.0; n * d], vec![0.0; n], vec![0.0; n]);
+        let (w, b) = self.wb(params, "norm");
+        layernorm_forward(&mut y, &mut mean, &mut rstd, x, w, b, n, d);
+        y
     }
 
     /// Backbone forward on `images` `(B, C, S, S)` (S = `side`); the output tokens are in
