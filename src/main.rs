@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod eval_cmd;
 mod gpu_cmd;
 
 use gpu_cmd::{BenchArgs, CheckKernelsArgs, DeviceFlag};
@@ -57,6 +58,10 @@ enum Command {
     /// Show how this binary's CUDA kernels were built: nvcc, modules, registers, shared
     /// memory and spills per kernel, and whether a GPU is usable.
     Kernels,
+    /// Evaluate features by DINO's protocols: kNN, linear probe, copy detection, retrieval
+    /// (from a checkpoint and packs, or from precomputed .npy features).
+    #[command(subcommand)]
+    Eval(eval_cmd::EvalCommand),
 }
 
 #[derive(clap::Args)]
@@ -188,6 +193,11 @@ enum VizCommand {
     /// One source image, a teacher and a student view with their patch grids, and a line
     /// between every pair of matched patches.
     Matches(VizMatchesArgs),
+    /// The CLS self-attention of each head of the last block over an image, upsampled and
+    /// overlaid (DINO's figures).
+    Attention(eval_cmd::VizAttentionArgs),
+    /// A nearest-neighbour grid: query images and their top-k retrieved, with labels.
+    Neighbours(eval_cmd::VizNeighboursArgs),
 }
 
 #[derive(clap::Args)]
@@ -222,6 +232,9 @@ fn main() {
         Command::CheckKernels(args) => gpu_cmd::check_kernels(&args),
         Command::Bench(args) => gpu_cmd::bench_cmd(&args),
         Command::Kernels => gpu_cmd::kernels(),
+        Command::Eval(cmd) => eval_cmd::run(&cmd),
+        Command::Viz(VizCommand::Attention(args)) => eval_cmd::viz_attention(&args),
+        Command::Viz(VizCommand::Neighbours(args)) => eval_cmd::viz_neighbours(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
