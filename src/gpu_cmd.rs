@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
+use pwself_engine::train::TrainDevice;
+
 use pwself_engine::cuda::{self, bench, check, cuda_unavailable, DeviceChoice, Gpu};
 use pwself_engine::error::Error;
 
@@ -73,26 +75,24 @@ pub struct BenchArgs {
     gpu: usize,
 }
 
-/// Which backend a training run uses, saying so on stderr when `auto` falls back.
-pub fn resolve_train_device(flag: DeviceFlag) -> Result<()> {
+/// Which backend a training run uses, saying so on stderr when `auto` picks.
+pub fn resolve_train_device(flag: DeviceFlag) -> Result<TrainDevice> {
     match DeviceChoice::from(flag) {
-        DeviceChoice::Cpu => Ok(()),
-        DeviceChoice::Cuda => {
-            if let Some(reason) = cuda_unavailable() {
-                return Err(Error::NoCuda { reason }.into());
+        DeviceChoice::Cpu => Ok(TrainDevice::Cpu),
+        DeviceChoice::Cuda => match cuda_unavailable() {
+            Some(reason) => Err(Error::NoCuda { reason }.into()),
+            None => Ok(TrainDevice::Cuda(0)),
+        },
+        DeviceChoice::Auto => match cuda_unavailable() {
+            Some(reason) => {
+                eprintln!("device: cpu (no CUDA device: {reason})");
+                Ok(TrainDevice::Cpu)
             }
-            bail!(
-                "--device cuda: the kernels are here (check-kernels, bench) but the GPU training \
-                 step is not assembled yet; train with --device cpu"
-            )
-        }
-        DeviceChoice::Auto => {
-            match cuda_unavailable() {
-                Some(reason) => eprintln!("device: cpu (no CUDA device: {reason})"),
-                None => eprintln!("device: cpu (a GPU is present, but the GPU training step is not assembled yet)"),
+            None => {
+                eprintln!("device: cuda:0");
+                Ok(TrainDevice::Cuda(0))
             }
-            Ok(())
-        }
+        },
     }
 }
 

@@ -42,8 +42,8 @@ enum Command {
     /// Build view batches from a pack through the prefetching loader and report views/s
     /// and matched-token statistics (a dry run of the training input pipeline).
     Views(ViewsArgs),
-    /// Train PW-Self (or DINO) on the CPU; with no arguments, the default job on the
-    /// embedded Fashion-MNIST subset.
+    /// Train PW-Self (or DINO) on the CPU or a GPU; with no arguments, the default job on
+    /// the embedded Fashion-MNIST subset.
     Train(Box<TrainArgs>),
     /// Print the matched token indices of two crop boxes.
     Match(MatchArgs),
@@ -329,12 +329,13 @@ fn train(args: &TrainArgs) -> Result<()> {
     if let Some(o) = &args.out {
         cfg.run.out.clone_from(o);
     }
-    gpu_cmd::resolve_train_device(args.device)?;
+    let device = gpu_cmd::resolve_train_device(args.device)?;
     set_threads(cfg.run.threads)?;
     let opts = RunOptions {
         resume: args.resume.clone(),
         quiet: args.json,
         no_eval: false,
+        device,
     };
     let s = pwself_engine::train::run(&cfg, &opts)?;
     if args.json {

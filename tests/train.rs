@@ -32,6 +32,7 @@ fn train(cfg: &TrainConfig, resume: Option<&Path>) -> TrainSummary {
         resume: resume.map(Path::to_path_buf),
         quiet: true,
         no_eval: true,
+        ..RunOptions::default()
     };
     run(cfg, &opts).unwrap()
 }

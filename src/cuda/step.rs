@@ -16,9 +16,8 @@
 //! [`super::optim`] and [`ce::update_center`]: last-layer freeze, gradient norm and skip flag,
 //! clipping, the split AdamW, the teacher EMA, the bf16 copies, the centre.
 //!
-//! Not yet on the GPU: stochastic depth. [`GpuBackbone`] runs with masks of ones, so
-//! [`GpuStep::new`] refuses a network whose `drop_path` is not 0 rather than train a
-//! different objective silently.
+//! Stochastic depth: the student's two calls draw the CPU's masks for the step (seed, step,
+//! call 0 for the globals and 1 for the locals), so the GPU trains the same objective.
 
 use half::bf16;
 
@@ -27,16 +26,18 @@ use super::ce::{self, GpuLayout, GpuStudent, GpuTeacher, TeacherShape};
 use super::check::{self, compare, compare_to_scale, Inputs, KernelCheck, Outcome};
 use super::context::{grid_for, Arg, Gpu};
 use super::head::GpuHead;
+use super::layers::ImageElement;
 use super::optim::{self, DeviceAdamW, GradNorm, ScalarRef, TensorClipPlan};
-use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
+use super::pool::{Buf, DevView, DeviceSlice, DeviceSliceMut};
 use super::vit::{zero_device, GpuBackbone};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::loss::{LossConfig, StudentLayout};
-use crate::model::vit::Network;
+use crate::model::vit::{DropPath, Network};
 use crate::optim::{ClipMode, OptimConfig, Schedules};
 use crate::train::step::{StepRunner, StepStats, Weights};
 use crate::views::batch::ViewBatch;
 use crate::views::config::ViewConfig;
+use crate::views::matching::PairMatches;
 
 /// Threads per block of the row kernels.
 const THREADS: u32 = 256;
@@ -246,6 +247,36 @@ pub fn gather_indices(layout: &StudentLayout, globals: usize, t_g: usize, t_l: u
 // ---------------------------------------------------------------------------------------
 // The step.
 
+/// What a step needs of a batch besides its pixels.
+#[derive(Clone, Copy, Debug)]
+pub struct StepBatch<'a> {
+    /// The global batch index (the step number).
+    pub index: u64,
+    /// Images in the batch.
+    pub images: usize,
+    /// The teacher/student pairs and their matched tokens.
+    pub pairs: &'a [PairMatches],
+}
+
+impl<'a> StepBatch<'a> {
+    /// `batch`'s index, size and pairs.
+    pub fn of(batch: &'a ViewBatch) -> StepBatch<'a> {
+        StepBatch {
+            index: batch.index,
+            images: batch.len(),
+            pairs: &batch.pairs,
+        }
+    }
+}
+
+/// A batch's views on the device: the globals and (when there are local views) the locals.
+pub struct StepViews<'a, T> {
+    /// `(G, B, C, S_g, S_g)`.
+    pub globals: DevView<'a, T>,
+    /// `(L, B, C, S_l, S_l)`; `None` without local views.
+    pub locals: Option<DevView<'a, T>>,
+}
+
 /// The teacher and student networks on the device and the loss forward and backward of a
 /// batch (see the module documentation).
 pub struct GpuStep {
@@ -253,6 +284,8 @@ pub struct GpuStep {
     views: ViewConfig,
     loss: LossConfig,
     steps_per_epoch: u64,
+    /// The run's seed (names the stochastic-depth draws).
+    seed: u64,
     blas: Blas,
     teacher: GpuBackbone,
     student: GpuBackbone,
@@ -293,20 +326,8 @@ impl GpuStep {
     /// device), its AdamW state and its centre, for batches of `runner`'s network, views,
     /// loss, optimiser settings and schedules.
     ///
-    /// An error when the network has stochastic depth (`drop_path` > 0): the GPU backbone
-    /// has none yet.
     pub fn new(gpu: &Gpu, runner: &StepRunner, w: &Weights) -> Result<GpuStep> {
         let net = runner.net.clone();
-        if net.vit.drop_path != 0.0 {
-            return Err(Error::bad_config(
-                "model.drop_path",
-                format!(
-                    "stochastic depth ({}) is not on the GPU yet; set it to 0 or train on \
-                     the CPU",
-                    net.vit.drop_path
-                ),
-            ));
-        }
         let total = net.table.total();
         assert!(
             w.student.len() == total && w.teacher.len() == total,
@@ -335,6 +356,7 @@ impl GpuStep {
             views: runner.views.clone(),
             loss: runner.loss.clone(),
             steps_per_epoch: runner.steps_per_epoch,
+            seed: runner.seed,
             blas: Blas::new(gpu)?,
             teacher,
             student,
@@ -375,15 +397,53 @@ impl GpuStep {
     /// # Panics
     /// If `batch` was not built with this step's views.
     pub fn forward_backward(&mut self, gpu: &Gpu, batch: &ViewBatch) -> Result<f64> {
-        let step = batch.index;
-        let epoch = step / self.steps_per_epoch.max(1);
-        let (b, d, k) = (batch.len(), self.net.vit.embed_dim, self.net.head.out_dim);
         let (ng, nl) = (self.views.global.count, self.views.local.count);
-        let (gside, lside) = (self.views.global.side, self.views.local.side);
         assert_eq!(
             batch.views.len(),
             ng + nl,
             "GpuStep::forward_backward: the batch has another number of views"
+        );
+        let globals = gpu.pool().upload(&batch.views[..ng].concat())?;
+        let locals = if nl > 0 {
+            Some(gpu.pool().upload(&batch.views[ng..].concat())?)
+        } else {
+            None
+        };
+        let views = StepViews {
+            globals: globals.slice(0..globals.len()),
+            locals: locals.as_ref().map(|l| l.slice(0..l.len())),
+        };
+        self.forward_backward_on(gpu, StepBatch::of(batch), views)
+    }
+
+    /// [`forward_backward`](Self::forward_backward) on views already on the device (f32 or
+    /// bf16, e.g. from [`super::views::GpuViewBuilder`]): the globals `(G, B, C, S_g, S_g)`
+    /// and the locals `(L, B, C, S_l, S_l)`, view-major as [`super::views::ViewLayout`]
+    /// lays them out.
+    ///
+    /// # Panics
+    /// If the views do not have the sizes of this step's view configuration for `batch`.
+    pub fn forward_backward_on<T: ImageElement>(
+        &mut self,
+        gpu: &Gpu,
+        batch: StepBatch<'_>,
+        views: StepViews<'_, T>,
+    ) -> Result<f64> {
+        let step = batch.index;
+        let epoch = step / self.steps_per_epoch.max(1);
+        let (b, d, k) = (batch.images, self.net.vit.embed_dim, self.net.head.out_dim);
+        let (ng, nl) = (self.views.global.count, self.views.local.count);
+        let (gside, lside) = (self.views.global.side, self.views.local.side);
+        let c = self.net.vit.in_chans;
+        assert_eq!(
+            views.globals.len(),
+            ng * b * c * gside * gside,
+            "GpuStep::forward_backward_on: globals of another size"
+        );
+        assert_eq!(
+            views.locals.as_ref().map_or(0, |l| l.len()),
+            nl * b * c * lside * lside,
+            "GpuStep::forward_backward_on: locals of another size"
         );
         let t_g = self.teacher_tokens();
         let lg = self.views.grid(ng);
@@ -391,10 +451,12 @@ impl GpuStep {
         let teacher_temp = self.loss.teacher_temp_at(epoch as usize);
         let pool = gpu.pool();
         let blas = &self.blas;
+        let globals = &views.globals;
 
         // Teacher: globals (view-major), no drop path, head on every token.
-        let globals = pool.upload(&batch.views[..ng].concat())?;
-        let (t_out, t_acts) = self.teacher.forward(gpu, blas, &globals, ng * b, gside)?;
+        let (t_out, t_acts) = self
+            .teacher
+            .forward(gpu, blas, globals, ng * b, gside, None)?;
         drop(t_acts);
         let t_last = self.head.last_layer(gpu, self.teacher.master())?;
         let (t_logits, t_head) = self.head.forward(
@@ -408,35 +470,41 @@ impl GpuStep {
         )?;
         drop((t_head, t_out, t_last));
 
-        // Student: globals (call 0) and locals (call 1) into one token buffer. No
-        // stochastic depth (see the module documentation).
+        // Student: globals (call 0) and locals (call 1) into one token buffer, with the
+        // CPU's stochastic-depth masks for this step.
+        let drop_path = |call| {
+            Some(DropPath {
+                seed: self.seed,
+                step,
+                call,
+            })
+        };
         let (n0, n1) = (ng * b * t_g, nl * b * t_l);
         let mut tokens = pool.alloc::<bf16>((n0 + n1) * d)?;
         let s_acts0 = self.student.forward_into(
             gpu,
             blas,
             &mut tokens.slice_mut(0..n0 * d),
-            &globals,
+            globals,
             ng * b,
             gside,
+            drop_path(0),
         )?;
-        drop(globals);
-        let s_acts1 = if nl > 0 {
-            let locals = pool.upload(&batch.views[ng..ng + nl].concat())?;
-            Some(self.student.forward_into(
+        let s_acts1 = match &views.locals {
+            Some(locals) => Some(self.student.forward_into(
                 gpu,
                 blas,
                 &mut tokens.slice_mut(n0 * d..(n0 + n1) * d),
-                &locals,
+                locals,
                 nl * b,
                 lside,
-            )?)
-        } else {
-            None
+                drop_path(1),
+            )?),
+            None => None,
         };
 
         // Only the matched student tokens go through the head.
-        let layout = StudentLayout::new(&batch.pairs, b, self.loss.kind.uses_patches());
+        let layout = StudentLayout::new(batch.pairs, b, self.loss.kind.uses_patches());
         let rows = layout.rows();
         let index = RowIndex::new(gpu, &gather_indices(&layout, ng, t_g, t_l), n0 + n1)?;
         let mut gathered = pool.alloc::<bf16>(rows * d)?;
@@ -531,10 +599,27 @@ impl GpuStep {
     /// As [`forward_backward`](Self::forward_backward).
     pub fn step(&mut self, gpu: &Gpu, batch: &ViewBatch) -> Result<StepStats> {
         let loss = self.forward_backward(gpu, batch)?;
+        self.finish_step(gpu, StepBatch::of(batch), loss)
+    }
+
+    /// [`step`](Self::step) on views already on the device, as
+    /// [`forward_backward_on`](Self::forward_backward_on) takes them.
+    pub fn step_on<T: ImageElement>(
+        &mut self,
+        gpu: &Gpu,
+        batch: StepBatch<'_>,
+        views: StepViews<'_, T>,
+    ) -> Result<StepStats> {
+        let loss = self.forward_backward_on(gpu, batch, views)?;
+        self.finish_step(gpu, batch, loss)
+    }
+
+    /// The optimiser side of a step, after the forward and backward gave `loss`.
+    fn finish_step(&mut self, gpu: &Gpu, batch: StepBatch<'_>, loss: f64) -> Result<StepStats> {
         let step = batch.index;
         let epoch = step / self.steps_per_epoch.max(1);
-        let b = batch.len();
-        let layout = StudentLayout::new(&batch.pairs, b, self.loss.kind.uses_patches());
+        let b = batch.images;
+        let layout = StudentLayout::new(batch.pairs, b, self.loss.kind.uses_patches());
         let mut stats = StepStats {
             step,
             epoch,
@@ -621,6 +706,18 @@ impl GpuStep {
             )?;
         }
         Ok(stats)
+    }
+
+    /// Everything a checkpoint holds, on the host (waits for the GPU): both networks' fp32
+    /// masters, the student's AdamW state and the centre, as the CPU's [`Weights`].
+    pub fn download_state(&self) -> Result<Weights> {
+        let w = self.download_weights()?;
+        Ok(Weights {
+            student: w.student,
+            teacher: w.teacher,
+            adam: self.adam.to_host()?,
+            center: w.center,
+        })
     }
 
     /// The student and teacher fp32 masters and the centre, on the host (waits for the
@@ -719,7 +816,7 @@ struct StepSetup {
 /// The step checks' set-up:
 /// Femto with 4-pixel patches on the small28 views of the embedded Fashion-MNIST pack, 2
 /// global views of 28 and 3 local views of 12, batch 2, a 3-layer head (hidden 96,
-/// bottleneck 32, K = 64), PWML, drop path 0 on both sides. Parameters from
+/// bottleneck 32, K = 64), PWML, stochastic depth 0.3 (the student's masks drawn as the CPU draws them). Parameters from
 /// [`StepRunner::init_weights`] moved toward a trained network's (the 1-D tensors get
 /// N(0, 0.2^2) added, the blocks' and the head MLP's weights are scaled from std 0.02 to
 /// 0.1, as the backbone and head checks do, so every tensor matters against the bf16
@@ -739,7 +836,7 @@ fn step_setup(inputs: &mut Inputs) -> Result<StepSetup> {
     cfg.views.local_views = Some(locals);
     cfg.model.arch = Arch::Femto;
     cfg.model.patch = Some(4);
-    cfg.model.drop_path = 0.0;
+    cfg.model.drop_path = 0.3;
     cfg.head = HeadConfig {
         layers: 3,
         hidden: 96,

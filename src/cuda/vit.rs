@@ -13,9 +13,10 @@
 //! ([`GpuBackbone::refresh_bf16`]). LayerNorm weights, the CLS token, the position
 //! embedding and the fc1 bias are read in fp32 from the master, as their launchers want.
 //!
-//! What this module must not do: change the twin's semantics, or drop stochastic depth in
-//! silently (this forward has none: it is the teacher's, or a first step toward the
-//! student's; its backward uses the same masks of ones).
+//! Stochastic depth: given a [`DropPath`], the forward scales each sample's residual
+//! branches by the CPU twin's masks ([`Network::drop_path_masks`], drawn on the host: two
+//! floats per image per block), kept in the activations for the backward. Without one
+//! (the teacher), the masks are ones.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -34,7 +35,7 @@ use super::pool::{Buf, DeviceSlice, DeviceSliceMut};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, HeadConfig, VitConfig};
 use crate::model::params::ParamTable;
-use crate::model::vit::{BackboneActs, Network};
+use crate::model::vit::{BackboneActs, DropPath, Network};
 
 /// Copies `src` into `dst` (same length) on the compute stream: a device-to-device copy,
 /// or a host copy under the emulator, whose device addresses are host memory.
@@ -207,6 +208,8 @@ struct BlockParams {
 /// The backbone's parameters on the device and the code that runs its forward pass.
 pub struct GpuBackbone {
     vit: VitConfig,
+    /// The network (for its stochastic-depth masks).
+    net: Network,
     /// fp32 master parameters, the whole flat buffer of [`Network::table`].
     pub(crate) master: Buf<f32>,
     /// `master` rounded to bf16 (same layout): the GEMMs' weights.
@@ -260,8 +263,10 @@ pub struct GpuBackboneActs {
     pub tokens: usize,
     /// The im2col rows `(B*g*g, C*p*p)`, the patch GEMM's input.
     pub cols: Buf<bf16>,
-    /// The per-sample residual masks `(B)`, fp32: all ones (no stochastic depth here).
-    pub mask: Buf<f32>,
+    /// The per-sample residual masks `(depth, 2, B)` fp32, block by block the attention
+    /// branch's then the MLP branch's ([`Network::drop_path_masks`]; all ones without
+    /// stochastic depth).
+    pub masks: Buf<f32>,
     /// Per block.
     pub blocks: Vec<GpuBlockActs>,
     /// The last block's output `(n, D)`, the final norm's input.
@@ -299,6 +304,7 @@ impl GpuBackbone {
             .collect();
         let mut model = GpuBackbone {
             vit: net.vit.clone(),
+            net: net.clone(),
             master: pool.upload(params)?,
             half: pool.alloc::<bf16>(params.len())?,
             cls: t.info("cls_token").range(),
@@ -371,16 +377,18 @@ impl GpuBackbone {
         images: &impl DeviceSlice<T>,
         batch: usize,
         side: usize,
+        drop: Option<DropPath>,
     ) -> Result<(Buf<bf16>, GpuBackboneActs)> {
         let g = self.grid(side)?;
         let mut out = gpu
             .pool()
             .alloc::<bf16>(batch * (1 + g * g) * self.vit.embed_dim)?;
-        let acts = self.forward_into(gpu, blas, &mut out, images, batch, side)?;
+        let acts = self.forward_into(gpu, blas, &mut out, images, batch, side, drop)?;
         Ok((out, acts))
     }
 
     /// [`forward`](Self::forward) into a given output `(B, T, D)` bf16.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_into<T: ImageElement>(
         &self,
         gpu: &Gpu,
@@ -389,6 +397,7 @@ impl GpuBackbone {
         images: &impl DeviceSlice<T>,
         batch: usize,
         side: usize,
+        drop: Option<DropPath>,
     ) -> Result<GpuBackboneActs> {
         let v = &self.vit;
         let (d, p, c, heads, hdim) = (v.embed_dim, v.patch, v.in_chans, v.heads, v.mlp_dim());
@@ -448,13 +457,19 @@ impl GpuBackbone {
             g,
             d,
         )?;
-        drop(patches);
+        std::mem::drop(patches);
 
-        // No stochastic depth: every sample keeps both residual branches.
-        let mask = pool.upload(&vec![1.0f32; batch])?;
+        // Stochastic depth: the CPU's masks, drawn on the host (2 * depth * B floats).
+        let host_masks: Vec<f32> = (0..self.blocks.len())
+            .flat_map(|i| self.net.drop_path_masks(i, drop, batch).concat())
+            .collect();
+        let masks = pool.upload(&host_masks)?;
+        let mask_of = |i: usize, branch: usize| {
+            masks.slice((2 * i + branch) * batch..(2 * i + branch + 1) * batch)
+        };
         let mut blocks = Vec::with_capacity(self.blocks.len());
         let mut branch = pool.alloc::<bf16>(n * d)?;
-        for bp in &self.blocks {
+        for (i, bp) in self.blocks.iter().enumerate() {
             let x_in = x;
             let mut ln1 = pool.alloc::<bf16>(n * d)?;
             let mut ln1_mean = pool.alloc::<f32>(n)?;
@@ -495,7 +510,7 @@ impl GpuBackbone {
             // x_mid = x_in + mask * proj(att); x_in is kept for norm1's backward.
             let mut x_mid = pool.alloc::<bf16>(n * d)?;
             copy_device(gpu, &mut x_mid, &x_in)?;
-            layers::residual_add_scaled(gpu, &mut x_mid, &branch, &mask, batch, t * d)?;
+            layers::residual_add_scaled(gpu, &mut x_mid, &branch, &mask_of(i, 0), batch, t * d)?;
 
             let mut ln2 = pool.alloc::<bf16>(n * d)?;
             let mut ln2_mean = pool.alloc::<f32>(n)?;
@@ -534,7 +549,7 @@ impl GpuBackbone {
             // x_out = x_mid + mask * fc2(a); x_mid is kept for norm2's backward.
             x = pool.alloc::<bf16>(n * d)?;
             copy_device(gpu, &mut x, &x_mid)?;
-            layers::residual_add_scaled(gpu, &mut x, &branch, &mask, batch, t * d)?;
+            layers::residual_add_scaled(gpu, &mut x, &branch, &mask_of(i, 1), batch, t * d)?;
             blocks.push(GpuBlockActs {
                 x_in,
                 ln1,
@@ -570,7 +585,7 @@ impl GpuBackbone {
             grid: g,
             tokens: t,
             cols,
-            mask,
+            masks,
             blocks,
             x_final: x,
             norm_mean,
@@ -582,7 +597,7 @@ impl GpuBackbone {
     /// [`forward`](Self::forward)'s output, **accumulates** the parameter gradients into
     /// `grads` (fp32, the flat layout of [`Network::table`], like the master), in the order
     /// of its twin [`Network::backbone_backward`]: the final norm, the blocks in reverse
-    /// (MLP branch, norm2, attention branch, norm1; no stochastic depth: masks of ones),
+    /// (MLP branch, norm2, attention branch, norm1, each branch with the forward's masks),
     /// then the CLS token, the position embedding and the patch embedding (whose input, the
     /// images, needs no gradient). The residual-stream gradient is kept in bf16, as the
     /// layer kernels take it. Tensors outside the backbone (the head's) are not touched.
@@ -637,10 +652,21 @@ impl GpuBackbone {
         let mut dln = pool.alloc::<bf16>(n * d)?;
         let mut datt = pool.alloc::<bf16>(n * d)?;
         let mut dqkv = pool.alloc::<bf16>(n * 3 * d)?;
-        for (bp, ba) in self.blocks.iter().zip(&acts.blocks).rev() {
+        for (i, (bp, ba)) in self.blocks.iter().zip(&acts.blocks).enumerate().rev() {
+            let mask_of = |branch: usize| {
+                acts.masks
+                    .slice((2 * i + branch) * batch..(2 * i + branch + 1) * batch)
+            };
             // x_out = x_mid + mask * fc2(gelu(fc1(ln2(x_mid)) + b)); dx holds d x_out.
             zero_device(gpu, &mut dbranch)?;
-            layers::residual_add_scaled_backward(gpu, &mut dbranch, &dx, &acts.mask, batch, t * d)?;
+            layers::residual_add_scaled_backward(
+                gpu,
+                &mut dbranch,
+                &dx,
+                &mask_of(1),
+                batch,
+                t * d,
+            )?;
             // (n, D) -> da (n, 4D)
             linear_backward(
                 gpu,
@@ -696,7 +722,14 @@ impl GpuBackbone {
 
             // x_mid = x_in + mask * proj(attention(qkv(ln1(x_in)))).
             zero_device(gpu, &mut dbranch)?;
-            layers::residual_add_scaled_backward(gpu, &mut dbranch, &dx, &acts.mask, batch, t * d)?;
+            layers::residual_add_scaled_backward(
+                gpu,
+                &mut dbranch,
+                &dx,
+                &mask_of(0),
+                batch,
+                t * d,
+            )?;
             linear_backward(
                 gpu,
                 blas,
@@ -798,8 +831,27 @@ const BACKBONE_BOUND: f64 = 3e-2;
 /// The checks' network and parameters (see [`check_forward`]): Femto with 4-pixel patches
 /// on 1-channel 28x28 images, `Network::init`'s parameters moved toward a trained
 /// network's, rounded to bf16.
+/// The backbone checks' cases: (batch, side, bf16 images, stochastic depth). The second
+/// draws masks (seed 11, step 5, call 1) that drop 3 of the 16 sample-branches of its 4
+/// images, so a GPU that ignored or misplaced a mask would fail.
+const CASES: [(usize, usize, bool, Option<DropPath>); 2] = [
+    (3, 28, false, None),
+    (
+        4,
+        12,
+        true,
+        Some(DropPath {
+            seed: 11,
+            step: 5,
+            call: 1,
+        }),
+    ),
+];
+
 fn check_network(inputs: &mut Inputs) -> Result<(Network, Vec<f32>)> {
-    let vit = Arch::Femto.vit(4, 1, 28);
+    let mut vit = Arch::Femto.vit(4, 1, 28);
+    // Stochastic depth for the cases that pass a DropPath (rates 0, 1/6, 1/3, 1/2 by block).
+    vit.drop_path = 0.5;
     let net = Network::new(vit, HeadConfig::default())?;
     let mut params = net.init(inputs.below(1 << 30) as u64);
     for info in net.table.tensors() {
@@ -836,23 +888,24 @@ fn check_forward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     let model = GpuBackbone::new(gpu, &net, &params)?;
     let d = net.vit.embed_dim;
     let mut outcomes = Vec::new();
-    for &(batch, side, bf16_images) in &[(3usize, 28usize, false), (2, 12, true)] {
+    for &(batch, side, bf16_images, drop) in &CASES {
         let images = check::round_bf16(&inputs.normal(batch * side * side, 1.0));
         let g = side / net.vit.patch;
         let mut out = check::poisoned_bf16(gpu, batch * (1 + g * g) * d)?;
         let acts = if bf16_images {
             let dev = gpu.pool().upload(&check::to_bf16(&images))?;
-            model.forward_into(gpu, &blas, &mut out, &dev, batch, side)?
+            model.forward_into(gpu, &blas, &mut out, &dev, batch, side, drop)?
         } else {
             let dev = gpu.pool().upload(&images)?;
-            model.forward_into(gpu, &blas, &mut out, &dev, batch, side)?
+            model.forward_into(gpu, &blas, &mut out, &dev, batch, side, drop)?
         };
         let mut cpu = BackboneActs::default();
-        net.backbone_forward(&params, &images, batch, side, None, &mut cpu);
+        net.backbone_forward(&params, &images, batch, side, drop, &mut cpu);
         let kind = if bf16_images { "bf16" } else { "f32" };
+        let dp = if drop.is_some() { ", drop path" } else { "" };
         outcomes.push(compare_to_scale(
             format!(
-                "vit backbone forward: tokens {batch}x{}x{d} ({side}x{side} {kind} views), \
+                "vit backbone forward: tokens {batch}x{}x{d} ({side}x{side} {kind} views{dp}), \
                  max|gpu-cpu| / max|cpu|",
                 acts.tokens
             ),
@@ -894,14 +947,14 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
     let d = net.vit.embed_dim;
     let total = net.table.total();
     let mut outcomes = Vec::new();
-    for &(batch, side, bf16_images) in &[(3usize, 28usize, false), (2, 12, true)] {
+    for &(batch, side, bf16_images, drop) in &CASES {
         let images = check::round_bf16(&inputs.normal(batch * side * side, 1.0));
         let g = side / net.vit.patch;
         let n = batch * (1 + g * g);
         let dout = check::round_bf16(&inputs.normal(n * d, 1.0));
 
         let mut cpu_acts = BackboneActs::default();
-        net.backbone_forward(&params, &images, batch, side, None, &mut cpu_acts);
+        net.backbone_forward(&params, &images, batch, side, drop, &mut cpu_acts);
         let mut scale_run = vec![0.0f32; total];
         net.backbone_backward(&params, &mut scale_run, &cpu_acts, &dout);
         let start = check::start_gradients(&net.table, &scale_run, inputs);
@@ -910,10 +963,10 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
 
         let acts = if bf16_images {
             let dev = gpu.pool().upload(&check::to_bf16(&images))?;
-            model.forward(gpu, &blas, &dev, batch, side)?.1
+            model.forward(gpu, &blas, &dev, batch, side, drop)?.1
         } else {
             let dev = gpu.pool().upload(&images)?;
-            model.forward(gpu, &blas, &dev, batch, side)?.1
+            model.forward(gpu, &blas, &dev, batch, side, drop)?.1
         };
         let mut grads = gpu.pool().upload(&start)?;
         let dout_dev = gpu.pool().upload(&check::to_bf16(&dout))?;
@@ -921,7 +974,8 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         let gpu_grads = check::download_f32(&grads)?;
 
         let kind = if bf16_images { "bf16" } else { "f32" };
-        let what = format!("{batch}x{side}x{side} {kind} views");
+        let dp = if drop.is_some() { ", drop path" } else { "" };
+        let what = format!("{batch}x{side}x{side} {kind} views{dp}");
         outcomes.extend(check::compare_tensors(
             &net.table,
             &format!("vit backbone backward ({what})"),

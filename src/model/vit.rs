@@ -259,6 +259,26 @@ impl Network {
         self.vit.drop_path * i as f32 / (self.vit.depth - 1) as f32
     }
 
+    /// Block `i`'s per-sample stochastic-depth masks `[attention branch, MLP branch]`, each
+    /// `(batch)`: 0 (dropped) or `1 / (1 - rate)`, drawn from the stream the [`DropPath`]
+    /// documentation names; all ones without `drop`. The CPU and GPU backbones both use
+    /// these, so they drop the same samples.
+    pub fn drop_path_masks(&self, i: usize, drop: Option<DropPath>, batch: usize) -> [Vec<f32>; 2] {
+        let (mut m_attn, mut m_mlp) = (vec![1.0; batch], vec![1.0; batch]);
+        if let Some(dp) = drop {
+            let ctr = |branch: u32| {
+                [
+                    dp.step as u32,
+                    (dp.step >> 32) as u32,
+                    (dp.call << 16) | (2 * i as u32 + branch),
+                ]
+            };
+            drop_path_mask(&mut m_attn, self.drop_rate(i), dp.seed, ctr(0));
+            drop_path_mask(&mut m_mlp, self.drop_rate(i), dp.seed, ctr(1));
+        }
+        [m_attn, m_mlp]
+    }
+
     /// The backbone's final LayerNorm applied to `x` `(n, D)` (any residual-stream rows,
     /// e.g. [`BackboneActs::block_output`]), as the forward applies it to the last block's.
     pub fn final_norm(&self, params: &[f32], x: &[f32]) -> Vec<f32> {
@@ -325,18 +345,7 @@ impl Network {
         for (i, ba) in acts.blocks.iter_mut().enumerate() {
             let pre = format!("blocks.{i}");
             // Per-sample masks of the two residual branches (all ones without drop path).
-            let (mut m_attn, mut m_mlp) = (vec![1.0; batch], vec![1.0; batch]);
-            if let Some(dp) = drop {
-                let ctr = |branch: u32| {
-                    [
-                        dp.step as u32,
-                        (dp.step >> 32) as u32,
-                        (dp.call << 16) | (2 * i as u32 + branch),
-                    ]
-                };
-                drop_path_mask(&mut m_attn, self.drop_rate(i), dp.seed, ctr(0));
-                drop_path_mask(&mut m_mlp, self.drop_rate(i), dp.seed, ctr(1));
-            }
+            let [m_attn, m_mlp] = self.drop_path_masks(i, drop, batch);
             ba.x_in = x;
             resize(&mut ba.ln1, n * d);
             resize(&mut ba.ln1_mean, n);

@@ -20,6 +20,8 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint::{self, TrainingState};
+use crate::cuda::train::GpuTrainer;
+use crate::cuda::Gpu;
 use crate::data::{default_pack, Pack, Split};
 use crate::error::{Error, Result};
 use crate::eval::knn::KnnResult;
@@ -42,6 +44,36 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Skip the kNN evaluations (tests that only check the optimisation).
     pub no_eval: bool,
+    /// Where the steps run.
+    pub device: TrainDevice,
+}
+
+/// Where a run's training steps run (the evaluations run on the CPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TrainDevice {
+    /// The CPU reference backend (f32).
+    #[default]
+    Cpu,
+    /// The GPU with this ordinal (bf16 storage, fp32 accumulation; views built on the GPU).
+    Cuda(usize),
+    /// The GPU code on the CPU emulator of the kernels (for tests: slow, exact semantics).
+    Emulated,
+}
+
+/// The backend that runs the steps.
+enum Backend {
+    Cpu,
+    Gpu(Box<GpuTrainer>),
+}
+
+impl Backend {
+    /// `w` as the backend holds it now (the GPU's copy is downloaded; the CPU's is `w`).
+    fn sync_host(&self, w: &mut Weights) -> Result<()> {
+        if let Backend::Gpu(t) = self {
+            *w = t.weights()?;
+        }
+        Ok(())
+    }
 }
 
 /// One kNN evaluation during or after training.
@@ -64,6 +96,10 @@ pub struct TrainSummary {
     pub last_loss: Option<f32>,
     pub skipped_steps: u64,
     pub parameters: usize,
+    /// Where the steps ran: `cpu`, or the GPU's name.
+    pub device: String,
+    /// Device memory the GPU backend held at the end (its high-water mark), in bytes.
+    pub device_memory: Option<u64>,
     /// kNN of the teacher at initialisation (absent when resuming or without a test set).
     pub knn_init: Option<Vec<KnnResult>>,
     /// kNN of the trained teacher.
@@ -210,6 +246,26 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut evals = Vec::new();
 
     let train = Arc::new(train);
+    let mut backend = match opts.device {
+        TrainDevice::Cpu => Backend::Cpu,
+        TrainDevice::Cuda(_) | TrainDevice::Emulated => {
+            let gpu = match opts.device {
+                TrainDevice::Cuda(ordinal) => Gpu::open(ordinal)?,
+                _ => Gpu::emulated()?,
+            };
+            Backend::Gpu(Box::new(GpuTrainer::new(
+                gpu,
+                &runner,
+                &w,
+                cfg.run.seed,
+                Arc::clone(&train),
+            )?))
+        }
+    };
+    let device = match &backend {
+        Backend::Cpu => "cpu".to_string(),
+        Backend::Gpu(t) => t.device().to_string(),
+    };
     let builder = ViewBuilder::new(views.clone(), cfg.run.seed, &train)?;
     let plan = LoaderPlan {
         batch_size: batch,
@@ -217,7 +273,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         batches: total - start,
         prefetch: 2,
     };
-    let mut loader = ViewLoader::start(Arc::clone(&train), builder, plan)?;
+    let mut loader = match backend {
+        Backend::Cpu => ViewLoader::start(Arc::clone(&train), builder, plan)?,
+        // The GPU builds the pixels; the loader thread draws crops and matches ahead.
+        Backend::Gpu(_) => ViewLoader::start_headers(Arc::clone(&train), builder, plan)?,
+    };
 
     let bar = if opts.quiet {
         ProgressBar::hidden()
@@ -236,7 +296,10 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut losses: Vec<(f64, f64)> = Vec::new();
     while let Some(b) = loader.next_batch() {
         let b = b?;
-        let stats: StepStats = runner.step(&mut w, &b);
+        let stats: StepStats = match &mut backend {
+            Backend::Cpu => runner.step(&mut w, &b),
+            Backend::Gpu(t) => t.step(&b)?,
+        };
         loader.recycle(b);
         done += 1;
         first_loss.get_or_insert(stats.loss);
@@ -265,6 +328,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         let next = stats.step + 1;
         let epoch_end = next % steps_per_epoch == 0;
         if epoch_end || next == total {
+            backend.sync_host(&mut w)?;
             let epoch = next / steps_per_epoch;
             let due = cfg.run.eval_every > 0 && epoch_end && epoch % cfg.run.eval_every as u64 == 0;
             if let (Some(t), true, true) = (&test, do_eval, due && next != total) {
@@ -300,6 +364,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    backend.sync_host(&mut w)?;
+    let device_memory = match &backend {
+        Backend::Cpu => None,
+        Backend::Gpu(t) => Some(t.memory_held()),
+    };
 
     let (knn_trained, knn_raw) = match (&test, do_eval) {
         (Some(t), true) => {
@@ -340,6 +409,8 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         last_loss,
         skipped_steps: skipped,
         parameters: net.table.num_params(),
+        device,
+        device_memory,
         knn_init,
         knn_trained,
         knn_raw_pixels: knn_raw,

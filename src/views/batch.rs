@@ -237,6 +237,33 @@ impl ViewBuilder {
         Ok(())
     }
 
+    /// Batch `index`'s metadata without its pixels: the index, epoch, images, labels, crop
+    /// records and matched pairs of [`ViewBuilder::build_into`], with `views` left empty
+    /// (for a backend that builds the pixels itself, as the GPU does).
+    pub fn build_headers_into(
+        &self,
+        pack: &Pack,
+        index: u64,
+        epoch: u64,
+        images: &[u32],
+        out: &mut ViewBatch,
+    ) -> Result<()> {
+        self.check_pack(pack, images)?;
+        let cfg = &self.cfg;
+        out.index = index;
+        out.epoch = epoch;
+        out.channels = self.channels;
+        out.images.clear();
+        out.images.extend_from_slice(images);
+        out.labels.clear();
+        out.labels
+            .extend(images.iter().map(|&i| pack.label(i as usize)));
+        out.crops = self.crops(index);
+        out.views.clear();
+        out.pairs = batch_matches(&out.crops, &self.grids, cfg.global.count, cfg.match_rule)?;
+        Ok(())
+    }
+
     /// Builds batch `index` of `images` into fresh buffers.
     pub fn build(&self, pack: &Pack, index: u64, epoch: u64, images: &[u32]) -> Result<ViewBatch> {
         let mut out = ViewBatch::default();
@@ -298,6 +325,25 @@ pub struct ViewLoader {
 impl ViewLoader {
     /// Starts the worker. Fails when the pack holds fewer images than one batch.
     pub fn start(pack: Arc<Pack>, builder: ViewBuilder, plan: LoaderPlan) -> Result<ViewLoader> {
+        Self::spawn(pack, builder, plan, true)
+    }
+
+    /// As [`ViewLoader::start`], but the batches carry no pixels
+    /// ([`ViewBuilder::build_headers_into`]): for a backend that builds the views itself.
+    pub fn start_headers(
+        pack: Arc<Pack>,
+        builder: ViewBuilder,
+        plan: LoaderPlan,
+    ) -> Result<ViewLoader> {
+        Self::spawn(pack, builder, plan, false)
+    }
+
+    fn spawn(
+        pack: Arc<Pack>,
+        builder: ViewBuilder,
+        plan: LoaderPlan,
+        pixels: bool,
+    ) -> Result<ViewLoader> {
         if plan.batch_size == 0 {
             return Err(Error::bad_config(
                 "--batch",
@@ -328,6 +374,7 @@ impl ViewLoader {
                     &pack,
                     &builder,
                     plan,
+                    pixels,
                     steps_per_epoch,
                     &tx,
                     &spent,
@@ -401,6 +448,7 @@ fn produce(
     pack: &Pack,
     builder: &ViewBuilder,
     plan: LoaderPlan,
+    pixels: bool,
     steps_per_epoch: u64,
     tx: &SyncSender<Result<ViewBatch>>,
     spent: &Receiver<ViewBatch>,
@@ -419,9 +467,12 @@ fn produce(
         }
         let images = &order[k * plan.batch_size..(k + 1) * plan.batch_size];
         let mut batch = spent.try_recv().unwrap_or_default();
-        let result = builder
-            .build_into(pack, index, epoch, images, &mut batch)
-            .map(|()| batch);
+        let built = if pixels {
+            builder.build_into(pack, index, epoch, images, &mut batch)
+        } else {
+            builder.build_headers_into(pack, index, epoch, images, &mut batch)
+        };
+        let result = built.map(|()| batch);
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
             return;
