@@ -6,8 +6,12 @@ use anyhow::{bail, Result};
 
 use pwself_engine::train::TrainDevice;
 
+use pwself_engine::cuda::step_bench::{self, StepBenchConfig};
 use pwself_engine::cuda::{self, bench, check, cuda_unavailable, DeviceChoice, Gpu};
 use pwself_engine::error::Error;
+use pwself_engine::loss::LossKind;
+use pwself_engine::model::config::Arch;
+use pwself_engine::views::config::Preset;
 
 /// Exit status of `check-kernels` and `bench --device cuda` when there is no usable GPU
 /// (distinct from 1, a failure).
@@ -73,6 +77,32 @@ pub struct BenchArgs {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     gpu: usize,
+    /// Time whole training steps instead of kernels: img/s, MFU and memory per
+    /// architecture (views built on the GPU, the full step, AdamW, EMA).
+    #[arg(long)]
+    step: bool,
+    /// With --step: the backbones (repeat or comma-separate).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Arch::Tiny, Arch::Small, Arch::Base])]
+    arch: Vec<Arch>,
+    /// With --step: the views (paper224 = 2 x 224 + 8 x 96, patch 16).
+    #[arg(long, value_enum, default_value_t = Preset::Paper224)]
+    preset: Preset,
+    /// With --step: patch size.
+    #[arg(long, default_value_t = 16)]
+    patch: usize,
+    /// With --step: the head's output dimension K.
+    #[arg(long, default_value_t = 65536)]
+    out_dim: usize,
+    /// With --step: images per step (default: the largest of 512, 384, 256, ... that fits).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// With --step: untimed steps before the timed ones.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Run on the CPU emulator of the kernels (checks the benchmark's code path on machines
+    /// without a GPU; its times mean nothing).
+    #[arg(long)]
+    emulate: bool,
 }
 
 /// Which backend a training run uses, saying so on stderr when `auto` picks.
@@ -170,6 +200,12 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
              (or --bench views)"
         );
     }
+    if args.step {
+        return step_bench_cmd(args);
+    }
+    if args.emulate {
+        bail!("--emulate: only with --step (kernel timings on the emulator mean nothing)");
+    }
     let known: Vec<&str> = bench::registry().iter().map(|(f, _)| *f).collect();
     if let Some(bad) = args.family.iter().find(|f| !known.contains(&f.as_str())) {
         bail!(
@@ -204,6 +240,49 @@ pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let failed = report.results.iter().filter(|r| r.error.is_some()).count();
     if failed > 0 {
         bail!("{failed} bench case(s) failed (see the table)");
+    }
+    Ok(())
+}
+
+/// `bench --step`: whole training steps per architecture.
+fn step_bench_cmd(args: &BenchArgs) -> Result<()> {
+    let open_gpu = || -> pwself_engine::error::Result<Gpu> {
+        if args.emulate {
+            Gpu::emulated()
+        } else {
+            Gpu::open(args.gpu)
+        }
+    };
+    if !args.emulate {
+        drop(open(args.gpu)?);
+    }
+    let mut results = Vec::new();
+    for &arch in &args.arch {
+        let cfg = StepBenchConfig {
+            arch,
+            patch: args.patch,
+            preset: args.preset,
+            out_dim: args.out_dim,
+            loss: LossKind::Pwml,
+            batch: args.batch,
+            iters: args.iters,
+            warmup: args.warmup,
+        };
+        eprintln!("  timing {arch:?}/{} steps", args.patch);
+        let r = step_bench::run(&open_gpu, &cfg)?;
+        for (b, e) in &r.did_not_fit {
+            eprintln!("  batch {b} did not fit: {e}");
+        }
+        results.push(r);
+        if let Some(path) = &args.out {
+            std::fs::write(path, step_bench::to_markdown(&results))
+                .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!("{}", step_bench::to_markdown(&results));
     }
     Ok(())
 }

@@ -1,8 +1,13 @@
 //! Pictures for people: one source image, two of its views with their patch grids, and a
-//! line between every pair of matched patches (`pwself-engine viz matches`).
+//! line between every pair of matched patches (`pwself-engine viz matches`); the CLS
+//! self-attention of each head over an image, like DINO's figures (`viz attention`,
+//! [`attention_overlay`]); query images beside their retrieved neighbours
+//! (`viz neighbours`, [`neighbour_grid`]); and the small line plots of the reports.
 //!
-//! Plain raster drawing on an `image::RgbImage` (nearest-neighbour upscaling, Bresenham
-//! lines, rectangle outlines): a few lines each, so no drawing crate is pulled in.
+//! Plain raster drawing on an `image::RgbImage` (nearest-neighbour upscaling, bilinear map
+//! upsampling, Bresenham lines, rectangle outlines, a 3x5 bitmap font): a few lines each,
+//! so no drawing crate is pulled in. Nothing here reads files or models: callers hand in
+//! pixels and numbers and write the returned picture themselves.
 
 use image::{Rgb, RgbImage};
 
@@ -293,6 +298,13 @@ fn glyph(c: char) -> u16 {
         '(' => [1, 2, 2, 2, 1],
         ')' => [4, 2, 2, 2, 4],
         '/' => [1, 1, 2, 4, 4],
+        '_' => [0, 0, 0, 0, 7],
+        '+' => [0, 2, 7, 2, 0],
+        ',' => [0, 0, 0, 2, 4],
+        '\'' => [2, 2, 0, 0, 0],
+        '!' => [2, 2, 2, 0, 2],
+        '?' => [6, 1, 2, 0, 2],
+        '#' => [5, 7, 5, 7, 5],
         _ => [0; 5],
     };
     rows.iter().fold(0u16, |acc, &r| (acc << 3) | u16::from(r))
@@ -447,6 +459,364 @@ pub const SERIES: [Rgb<u8>; 4] = [
     Rgb([140, 230, 120]),
 ];
 
+// ---------------------------------------------------------------------------------------
+// Attention overlays (`viz attention`).
+
+/// Shorter side, in pixels, that a small input image is upscaled to (at least) for display.
+const MIN_DISPLAY_SIDE: u32 = 224;
+/// Longer side, in pixels, that a large input image is downscaled to for display.
+const MAX_DISPLAY_SIDE: u32 = 512;
+/// Space around the whole picture and between panels.
+const MARGIN: u32 = 16;
+/// Height of the strip under each panel that holds its label.
+const LABEL_STRIP: u32 = 28;
+/// Panels per row of an attention picture.
+const PANELS_PER_ROW: u32 = 4;
+/// Weight of the colour map against the (grey) image in an overlay.
+const OVERLAY_ALPHA: f32 = 0.6;
+const TEXT: Rgb<u8> = Rgb([230, 230, 235]);
+
+/// Inferno-like colour map, nine hand-picked stops from black through purple, red and
+/// orange to pale yellow; luminance rises strictly along it, so brighter means more.
+const INFERNO: [[u8; 3]; 9] = [
+    [0, 0, 4],
+    [31, 12, 72],
+    [85, 15, 109],
+    [136, 34, 106],
+    [186, 54, 85],
+    [227, 89, 51],
+    [249, 140, 10],
+    [249, 201, 50],
+    [252, 255, 164],
+];
+
+/// The colour map at `t` in [0, 1] (clamped; NaN reads as 0), linear between stops.
+fn colour_map(t: f32) -> [f32; 3] {
+    let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
+    let pos = t * (INFERNO.len() - 1) as f32;
+    let i = (pos.floor() as usize).min(INFERNO.len() - 2);
+    let f = pos - i as f32;
+    let (a, b) = (INFERNO[i], INFERNO[i + 1]);
+    [0, 1, 2].map(|c| f32::from(a[c]) * (1.0 - f) + f32::from(b[c]) * f)
+}
+
+/// `map` scaled so that its smallest finite value is 0 and its largest 1; a constant map
+/// (or one with no finite value) becomes all zeros, and non-finite entries become 0.
+fn min_max_scaled(map: &[f32]) -> Vec<f32> {
+    let finite = map.iter().copied().filter(|v| v.is_finite());
+    let (lo, hi) = finite.fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let range = hi - lo;
+    map.iter()
+        .map(|&v| {
+            if v.is_finite() && range > 0.0 && range.is_finite() {
+                (v - lo) / range
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// `image` at display size: a shorter side under 224 px is upscaled by the smallest whole
+/// factor that reaches 224 (nearest neighbour, so a 28x28 digit stays crisp at 224x224;
+/// the factor is capped so the longer side stays within 1024), a longer side over 512 px
+/// is downscaled to 512 (bilinear), anything between is kept as it is.
+fn display_image(image: &RgbImage) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let (short, long) = (w.min(h), w.max(h));
+    if short < MIN_DISPLAY_SIDE {
+        let k = MIN_DISPLAY_SIDE
+            .div_ceil(short)
+            .min(1024 / long.max(1))
+            .max(1);
+        upscale_nearest(image, k)
+    } else if long > MAX_DISPLAY_SIDE {
+        let scale = f64::from(MAX_DISPLAY_SIDE) / f64::from(long);
+        let nw = ((f64::from(w) * scale).round() as u32).max(1);
+        let nh = ((f64::from(h) * scale).round() as u32).max(1);
+        image::imageops::resize(image, nw, nh, image::imageops::FilterType::Triangle)
+    } else {
+        image.clone()
+    }
+}
+
+/// Every pixel of `image` repeated as a `k x k` block.
+fn upscale_nearest(image: &RgbImage, k: u32) -> RgbImage {
+    RgbImage::from_fn(image.width() * k, image.height() * k, |x, y| {
+        *image.get_pixel(x / k, y / k)
+    })
+}
+
+/// For each of `out` output pixels along one axis, the two grid cells it interpolates and
+/// the weight of the second: cell centres sit at `(i + 0.5) * out / grid`, and pixels
+/// beyond the outermost centres take the edge cell's value (no extrapolation).
+fn bilinear_taps(grid: usize, out: u32) -> Vec<(usize, usize, f32)> {
+    (0..out)
+        .map(|p| {
+            let g =
+                ((p as f32 + 0.5) * grid as f32 / out as f32 - 0.5).clamp(0.0, (grid - 1) as f32);
+            let i0 = (g.floor() as usize).min(grid - 1);
+            let i1 = (i0 + 1).min(grid - 1);
+            (i0, i1, g - i0 as f32)
+        })
+        .collect()
+}
+
+/// `map` (a `grid x grid` array of values in [0, 1], row-major) upsampled bilinearly to
+/// `w x h`: returns `(h, w)` row-major values.
+fn upsample_bilinear(map: &[f32], grid: usize, w: u32, h: u32) -> Vec<f32> {
+    let (xs, ys) = (bilinear_taps(grid, w), bilinear_taps(grid, h));
+    let mut out = Vec::with_capacity(xs.len() * ys.len());
+    for &(r0, r1, fy) in &ys {
+        for &(c0, c1, fx) in &xs {
+            let top = map[r0 * grid + c0] * (1.0 - fx) + map[r0 * grid + c1] * fx;
+            let bottom = map[r1 * grid + c0] * (1.0 - fx) + map[r1 * grid + c1] * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// The grey version of `base` with `values` (`(h, w)` in [0, 1]) blended over it through
+/// the colour map: `(1 - 0.6) * grey + 0.6 * colour(value)`. The image is made grey so
+/// that every hue in the panel comes from the attention alone.
+fn overlay(base: &RgbImage, values: &[f32]) -> RgbImage {
+    let w = base.width() as usize;
+    RgbImage::from_fn(base.width(), base.height(), |x, y| {
+        let [r, g, b] = base.get_pixel(x, y).0.map(f32::from);
+        let grey = 0.299 * r + 0.587 * g + 0.114 * b;
+        let colour = colour_map(values[y as usize * w + x as usize]);
+        Rgb(colour.map(|c| {
+            ((1.0 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * c)
+                .round()
+                .clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
+/// Width in pixels of `text` in the bitmap font at `scale` (4 font pixels per character,
+/// less the trailing space).
+fn text_width(text: &str, scale: u32) -> u32 {
+    (4 * text.chars().count() as u32).saturating_sub(1) * scale
+}
+
+/// `text` centred under a box that starts at `x0` and is `w` wide, top at `y`: at scale 2
+/// if it fits, else scale 1, else cut short with ".." at scale 1.
+fn draw_label(img: &mut RgbImage, x0: u32, w: u32, y: u32, text: &str, colour: Rgb<u8>) {
+    let (text, scale) = if text_width(text, 2) <= w {
+        (text.to_string(), 2)
+    } else if text_width(text, 1) <= w {
+        (text.to_string(), 1)
+    } else {
+        let keep = ((w + 1) / 4).saturating_sub(2) as usize;
+        (
+            format!("{}..", text.chars().take(keep).collect::<String>()),
+            1,
+        )
+    };
+    let tw = text_width(&text, scale);
+    let x = i64::from(x0) + (i64::from(w) - i64::from(tw)) / 2;
+    draw_text(img, x, i64::from(y), &text, i64::from(scale), colour);
+}
+
+/// Where panel `index` of a picture of `panel_w x panel_h` panels (each with its label
+/// strip under it), `PANELS_PER_ROW` to a row, has its top-left corner.
+fn panel_origin(index: u32, panel_w: u32, panel_h: u32) -> (u32, u32) {
+    let (row, col) = (index / PANELS_PER_ROW, index % PANELS_PER_ROW);
+    (
+        MARGIN + col * (panel_w + MARGIN),
+        MARGIN + row * (panel_h + LABEL_STRIP + MARGIN),
+    )
+}
+
+/// DINO-style picture of the CLS token's self-attention in the last block.
+///
+/// `maps` is `(heads, grid * grid)` row-major: for each head, the CLS token's attention to
+/// each patch, patches in raster order (row by row). Rows need not sum to 1.
+///
+/// The picture holds `heads + 2` panels, at most 4 to a row, each with a label under it:
+/// the input image (`"image"`), one panel per head (`"head 0"`, ...), and the mean over
+/// heads (`"mean"`). A head's panel is the image in grey with the head's map overlaid in
+/// an inferno-like colour map (black, purple, red, orange, pale yellow: brighter means more
+/// attention); the map is upsampled bilinearly to the image size, assuming the `grid x
+/// grid` patches tile the whole image.
+///
+/// Display normalisation: each map is min-max scaled over its patches (least-attended
+/// patch 0, most-attended 1; a constant map shows as all 0; non-finite values count as 0),
+/// so every panel uses the full colour range and shows where a head looks rather than how
+/// peaked it is. The mean panel averages the raw maps over heads, then scales it the same
+/// way.
+///
+/// Display size: the image is upscaled by the smallest whole factor that makes its shorter
+/// side at least 224 px (nearest neighbour, e.g. 28x28 -> 224x224; the factor is capped so
+/// the longer side stays within 1024 px), a longer side over 512 px is downscaled to 512
+/// (bilinear), otherwise it is kept. With panels `w x h` and `n = heads + 2`, the picture
+/// is `16 + c * (w + 16)` wide and `16 + r * (h + 28 + 16)` high, `c = min(n, 4)` columns
+/// and `r = ceil(n / 4)` rows.
+///
+/// Panics (programming errors): `heads` or `grid` is 0, `maps.len() != heads * grid *
+/// grid`, or the image has no pixels.
+pub fn attention_overlay(image: &RgbImage, maps: &[f32], heads: usize, grid: usize) -> RgbImage {
+    assert!(
+        heads > 0 && grid > 0,
+        "attention_overlay: heads {heads} and grid {grid} must be positive"
+    );
+    assert_eq!(
+        maps.len(),
+        heads * grid * grid,
+        "attention_overlay: maps must be (heads {heads}, grid {grid} * grid {grid})"
+    );
+    assert!(
+        image.width() > 0 && image.height() > 0,
+        "attention_overlay: the image has no pixels"
+    );
+    let base = display_image(image);
+    let (w, h) = base.dimensions();
+    let patches = grid * grid;
+
+    // (heads, P) -> (P): the mean map over heads, of the raw values.
+    let mut mean = vec![0.0f32; patches];
+    for head in maps.chunks_exact(patches) {
+        for (m, &v) in mean.iter_mut().zip(head) {
+            *m += (if v.is_finite() { v } else { 0.0 }) / heads as f32;
+        }
+    }
+    let mut panels: Vec<(RgbImage, String)> = vec![(base.clone(), "image".to_string())];
+    for (i, head) in maps.chunks_exact(patches).enumerate() {
+        let values = upsample_bilinear(&min_max_scaled(head), grid, w, h);
+        panels.push((overlay(&base, &values), format!("head {i}")));
+    }
+    let values = upsample_bilinear(&min_max_scaled(&mean), grid, w, h);
+    panels.push((overlay(&base, &values), "mean".to_string()));
+
+    let n = panels.len() as u32;
+    let (cols, rows) = (n.min(PANELS_PER_ROW), n.div_ceil(PANELS_PER_ROW));
+    let mut canvas = RgbImage::from_pixel(
+        MARGIN + cols * (w + MARGIN),
+        MARGIN + rows * (h + LABEL_STRIP + MARGIN),
+        BACKGROUND,
+    );
+    for (i, (panel, label)) in panels.iter().enumerate() {
+        let (x0, y0) = panel_origin(i as u32, w, h);
+        image::imageops::replace(&mut canvas, panel, i64::from(x0), i64::from(y0));
+        draw_label(&mut canvas, x0, w, y0 + h + 9, label, TEXT);
+    }
+    canvas
+}
+
+// ---------------------------------------------------------------------------------------
+// Nearest-neighbour grids (`viz neighbours`).
+
+/// Side of the square tile each image of a neighbour grid is fitted into.
+const TILE: u32 = 96;
+/// Width of the frame drawn around each tile.
+const FRAME: u32 = 4;
+/// Gap between two tiles of a row, and the extra gap between a query and its neighbours.
+const TILE_GAP: u32 = 8;
+const QUERY_GAP: u32 = 24;
+/// Frame of a query, of a neighbour with the query's label, and of one without.
+const QUERY_FRAME: Rgb<u8> = Rgb([200, 200, 205]);
+const SAME_LABEL: Rgb<u8> = Rgb([40, 200, 70]);
+const OTHER_LABEL: Rgb<u8> = Rgb([225, 45, 45]);
+
+/// `image` fitted into a `TILE x TILE` square, aspect kept: an image no larger than the
+/// tile is upscaled by a whole factor (nearest neighbour, crisp pixels), a larger one is
+/// downscaled bilinearly; either way it is centred on the background colour.
+fn tile_image(image: &RgbImage) -> RgbImage {
+    let mut tile = RgbImage::from_pixel(TILE, TILE, BACKGROUND);
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return tile;
+    }
+    let fitted = if w.max(h) <= TILE {
+        upscale_nearest(image, TILE / w.max(h))
+    } else {
+        let scale = f64::from(TILE) / f64::from(w.max(h));
+        let nw = ((f64::from(w) * scale).round() as u32).clamp(1, TILE);
+        let nh = ((f64::from(h) * scale).round() as u32).clamp(1, TILE);
+        image::imageops::resize(image, nw, nh, image::imageops::FilterType::Triangle)
+    };
+    let (x, y) = ((TILE - fitted.width()) / 2, (TILE - fitted.height()) / 2);
+    image::imageops::replace(&mut tile, &fitted, i64::from(x), i64::from(y));
+    tile
+}
+
+/// Top-left corner of the frame of tile `col` (0 = the query) in row `row`.
+fn cell_origin(row: u32, col: u32) -> (u32, u32) {
+    let cell = TILE + 2 * FRAME;
+    let x = if col == 0 {
+        MARGIN
+    } else {
+        MARGIN + cell + QUERY_GAP + (col - 1) * (cell + TILE_GAP)
+    };
+    (x, MARGIN + row * (cell + LABEL_STRIP + MARGIN))
+}
+
+/// One tile with its `FRAME`-wide frame in `colour` and its label under it.
+fn draw_cell(
+    canvas: &mut RgbImage,
+    origin: (u32, u32),
+    image: &RgbImage,
+    label: &str,
+    colour: Rgb<u8>,
+) {
+    let (x0, y0) = origin;
+    let cell = TILE + 2 * FRAME;
+    fill_rect(canvas, x0, y0, cell, cell, colour);
+    let tile = tile_image(image);
+    image::imageops::replace(canvas, &tile, i64::from(x0 + FRAME), i64::from(y0 + FRAME));
+    draw_label(canvas, x0, cell, y0 + cell + 9, label, TEXT);
+}
+
+/// Query images beside their retrieved neighbours: one row per query, the query first
+/// (grey frame), then its neighbours in the given order, each with a green frame when the
+/// neighbour's flag is true (it has the query's label) and red otherwise, and each image's
+/// label text under it (at scale 2 when it fits the 104 px cell, else smaller, else cut
+/// short with "..").
+///
+/// Every image is fitted into a 96 x 96 tile (aspect kept, centred; small images upscaled
+/// by a whole factor with nearest neighbour, large ones downscaled bilinearly) inside a
+/// 4 px frame. Rows may hold different numbers of neighbours, including none. With
+/// `k` the largest neighbour count (0 if there are no queries) and `q` queries, the
+/// picture is `16 + 104 + 16` wide when `k = 0`, else `16 + 104 + 24 + k * 104 + (k - 1)
+/// * 8 + 16`, and `16 + q * (104 + 28 + 16)` high.
+///
+/// Panics (programming error): `queries` and `neighbours` differ in length.
+pub fn neighbour_grid(
+    queries: &[(RgbImage, String)],
+    neighbours: &[Vec<(RgbImage, String, bool)>],
+) -> RgbImage {
+    assert_eq!(
+        queries.len(),
+        neighbours.len(),
+        "neighbour_grid: one neighbour list per query"
+    );
+    let cell = TILE + 2 * FRAME;
+    let k = neighbours.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let width = if k == 0 {
+        MARGIN + cell + MARGIN
+    } else {
+        cell_origin(0, k).0 + cell + MARGIN
+    };
+    let height = MARGIN + queries.len() as u32 * (cell + LABEL_STRIP + MARGIN);
+    let mut canvas = RgbImage::from_pixel(width, height, BACKGROUND);
+    for (row, ((query, label), row_neighbours)) in queries.iter().zip(neighbours).enumerate() {
+        let row = row as u32;
+        draw_cell(&mut canvas, cell_origin(row, 0), query, label, QUERY_FRAME);
+        for (col, (image, label, same)) in row_neighbours.iter().enumerate() {
+            let colour = if *same { SAME_LABEL } else { OTHER_LABEL };
+            draw_cell(
+                &mut canvas,
+                cell_origin(row, col as u32 + 1),
+                image,
+                label,
+                colour,
+            );
+        }
+    }
+    canvas
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,5 +835,201 @@ mod tests {
                 "column {x}"
             );
         }
+    }
+    /// Luminance (Rec. 709) of a pixel, for ordering colours.
+    fn luma(p: &Rgb<u8>) -> f32 {
+        0.2126 * f32::from(p.0[0]) + 0.7152 * f32::from(p.0[1]) + 0.0722 * f32::from(p.0[2])
+    }
+
+    #[test]
+    fn colour_map_brightens_monotonically_from_black_to_pale_yellow() {
+        assert_eq!(colour_map(0.0), [0.0, 0.0, 4.0]);
+        assert_eq!(colour_map(1.0), [252.0, 255.0, 164.0]);
+        assert_eq!(colour_map(f32::NAN), colour_map(0.0));
+        assert_eq!(colour_map(7.0), colour_map(1.0));
+        let lum = |c: [f32; 3]| 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+        for i in 0..255 {
+            let (a, b) = (i as f32 / 255.0, (i + 1) as f32 / 255.0);
+            assert!(lum(colour_map(a)) < lum(colour_map(b)), "at {a}");
+        }
+    }
+
+    #[test]
+    fn min_max_scaling_hand_values() {
+        assert_eq!(min_max_scaled(&[2.0, 4.0, 3.0]), vec![0.0, 1.0, 0.5]);
+        assert_eq!(min_max_scaled(&[0.3; 4]), vec![0.0; 4]);
+        assert_eq!(
+            min_max_scaled(&[1.0, f32::NAN, 3.0, f32::INFINITY]),
+            vec![0.0, 0.0, 1.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn bilinear_upsampling_hand_values() {
+        // Two cells [0, 1] over 4 pixels: cell centres at pixel 0.5 and 2.5 of a 4-wide
+        // row in grid units, i.e. pixels 0 and 3 clamp to the edge cells, 1 and 2 mix.
+        let row = upsample_bilinear(&[0.0, 1.0, 0.0, 1.0], 2, 4, 1);
+        assert_eq!(row, vec![0.0, 0.25, 0.75, 1.0]);
+        // One cell: constant everywhere.
+        assert!(upsample_bilinear(&[0.7], 1, 5, 3).iter().all(|&v| v == 0.7));
+    }
+
+    #[test]
+    fn attention_picture_sizes_follow_the_documented_layout() {
+        let digit = RgbImage::from_pixel(28, 28, Rgb([9, 9, 9]));
+        // 28 -> x8 = 224 px panels; 6 heads + image + mean = 8 panels = 2 rows of 4.
+        let img = attention_overlay(&digit, &vec![0.1; 6 * 16], 6, 4);
+        assert_eq!(img.dimensions(), (16 + 4 * 240, 16 + 2 * (224 + 28 + 16)));
+        // 1 head: image, head 0, mean = 3 panels in one row.
+        let img = attention_overlay(&digit, &[0.5], 1, 1);
+        assert_eq!(img.dimensions(), (16 + 3 * 240, 16 + 268));
+        // 100x50: shorter side 50 -> factor 5 -> 500x250 panels.
+        let wide = RgbImage::new(100, 50);
+        let img = attention_overlay(&wide, &[0.0; 2], 2, 1);
+        assert_eq!(img.dimensions(), (16 + 4 * 516, 16 + 250 + 44));
+        // 300x250 is kept; 1000x600 is brought down to 512x307.
+        let img = attention_overlay(&RgbImage::new(300, 250), &[0.0; 9], 1, 3);
+        assert_eq!(img.dimensions(), (16 + 3 * 316, 16 + 250 + 44));
+        let img = attention_overlay(&RgbImage::new(1000, 600), &[0.0; 4], 1, 2);
+        assert_eq!(img.dimensions(), (16 + 3 * 528, 16 + 307 + 44));
+    }
+
+    #[test]
+    fn the_image_panel_is_the_input_repeated_in_8x8_blocks() {
+        let digit = RgbImage::from_fn(28, 28, |x, y| Rgb([(x * 9) as u8, (y * 9) as u8, 77]));
+        let img = attention_overlay(&digit, &[0.0; 4], 1, 2);
+        for y in 0..224 {
+            for x in 0..224 {
+                assert_eq!(img.get_pixel(16 + x, 16 + y), digit.get_pixel(x / 8, y / 8));
+            }
+        }
+    }
+
+    #[test]
+    fn a_one_hot_map_lights_its_patch_brightest() {
+        // Grey 28x28 image, 4x4 grid of 56 px patches on the 224 px panel. Head 0 is
+        // one-hot on patch (row 1, col 2); head 1 is uniform.
+        let grey = RgbImage::from_pixel(28, 28, Rgb([128, 128, 128]));
+        let mut maps = vec![0.0f32; 2 * 16];
+        maps[6] = 0.9;
+        maps[16..].fill(1.0 / 16.0);
+        let img = attention_overlay(&grey, &maps, 2, 4);
+        // Panels: image at x 16, head 0 at 256, head 1 at 496, mean at 736; all at y 16.
+        let (cold, hot) = (Rgb([51, 51, 54]), [202.1, 199.6, 139.9]);
+        for (x0, name) in [(256, "head 0"), (736, "mean")] {
+            let at = |x: u32, y: u32| *img.get_pixel(x0 + x, 16 + y);
+            // Brightest pixel of the panel lies inside the patch (x 112..168, y 56..112).
+            let (mut best, mut best_xy) = (-1.0, (0, 0));
+            for y in 0..224 {
+                for x in 0..224 {
+                    if luma(&at(x, y)) > best {
+                        (best, best_xy) = (luma(&at(x, y)), (x, y));
+                    }
+                }
+            }
+            assert!((112..168).contains(&best_xy.0), "{name}: {best_xy:?}");
+            assert!((56..112).contains(&best_xy.1), "{name}: {best_xy:?}");
+            // Next to the patch centre (on a pixel boundary, 112 + 28 = 140 and 56 + 28 =
+            // 84) the map reads (1 - 0.5 / 56)^2 = 0.98222, i.e. 7.858 of the way along
+            // the 8 colour-map steps: 0.4 * 128 + 0.6 * (251.57, 247.32, 147.79).
+            for (x, y) in [(139, 83), (140, 84), (139, 84)] {
+                let centre = at(x, y);
+                for (&got, want) in centre.0.iter().zip(hot) {
+                    assert!((f32::from(got) - want).abs() <= 1.0, "{name}: {centre:?}");
+                }
+            }
+            // Far from it: 0.4 * 128 + 0.6 * the map's bottom colour, exactly.
+            assert_eq!(at(10, 200), cold, "{name}");
+            // Along the patch's middle row, brightness falls off away from the centre.
+            for x in 140..223 {
+                assert!(luma(&at(x, 84)) >= luma(&at(x + 1, 84)), "{name}: x {x}");
+            }
+            assert!(luma(&at(139, 84)) > luma(&at(168, 84)));
+            assert!(luma(&at(168, 84)) > luma(&at(196, 84)));
+        }
+        // The uniform head shows as the bottom colour everywhere.
+        for (x, y) in [(0, 0), (139, 83), (223, 223)] {
+            assert_eq!(*img.get_pixel(496 + x, 16 + y), cold);
+        }
+    }
+
+    #[test]
+    fn one_head_one_patch_does_not_panic() {
+        let img = attention_overlay(&RgbImage::new(1, 1), &[f32::NAN], 1, 1);
+        assert_eq!(img.dimensions(), (16 + 3 * 240, 16 + 268));
+    }
+
+    #[test]
+    #[should_panic(expected = "maps must be")]
+    fn maps_of_the_wrong_length_are_a_programming_error() {
+        attention_overlay(&RgbImage::new(28, 28), &[0.0; 15], 1, 4);
+    }
+
+    #[test]
+    fn neighbour_grid_size_frames_and_tiles() {
+        let solid = |c: [u8; 3], w: u32, h: u32| RgbImage::from_pixel(w, h, Rgb(c));
+        let query = |c| (solid(c, 10, 10), "query".to_string());
+        let nb = |same: bool| (solid([200, 0, 200], 300, 150), "n".to_string(), same);
+        let queries = vec![query([0, 0, 255]), query([0, 255, 0]), query([255, 0, 0])];
+        let neighbours = vec![
+            vec![nb(true), nb(false), nb(true), nb(false)],
+            vec![nb(false), nb(true)],
+            vec![],
+        ];
+        let img = neighbour_grid(&queries, &neighbours);
+        // 4 neighbours at most: 16 + 104 + 24 + 4 * 104 + 3 * 8 + 16 wide; rows 148 high.
+        assert_eq!(img.dimensions(), (600, 16 + 3 * 148));
+        // Frames: query at x 16, neighbours at 144, 256, 368, 480; rows at y 16, 164, 312.
+        assert_eq!(*img.get_pixel(16, 16), QUERY_FRAME);
+        assert_eq!(*img.get_pixel(144 + 2, 16 + 50), SAME_LABEL);
+        assert_eq!(*img.get_pixel(256 + 103, 16 + 103), OTHER_LABEL);
+        assert_eq!(*img.get_pixel(368, 16), SAME_LABEL);
+        assert_eq!(*img.get_pixel(480, 16), OTHER_LABEL);
+        assert_eq!(*img.get_pixel(144, 164), OTHER_LABEL);
+        assert_eq!(*img.get_pixel(256, 164), SAME_LABEL);
+        assert_eq!(*img.get_pixel(368, 164), BACKGROUND);
+        assert_eq!(*img.get_pixel(144, 312), BACKGROUND);
+        assert_eq!(*img.get_pixel(16, 312), QUERY_FRAME);
+        // A 10x10 query is repeated 9x (90 px), centred in the 96 px tile at offset 3.
+        assert_eq!(*img.get_pixel(20 + 3, 20 + 3), Rgb([0, 0, 255]));
+        assert_eq!(*img.get_pixel(20 + 92, 20 + 92), Rgb([0, 0, 255]));
+        assert_eq!(*img.get_pixel(20 + 2, 20 + 50), BACKGROUND);
+        assert_eq!(*img.get_pixel(20 + 93, 20 + 50), BACKGROUND);
+        // A 300x150 neighbour is brought down to 96x48, centred vertically (rows 24..72).
+        assert_eq!(*img.get_pixel(148, 20 + 24), Rgb([200, 0, 200]));
+        assert_eq!(*img.get_pixel(148 + 95, 20 + 71), Rgb([200, 0, 200]));
+        assert_eq!(*img.get_pixel(148, 20 + 23), BACKGROUND);
+        assert_eq!(*img.get_pixel(148, 20 + 72), BACKGROUND);
+    }
+
+    #[test]
+    fn neighbour_grid_without_neighbours_or_queries() {
+        let q = vec![(RgbImage::new(28, 28), "7".to_string())];
+        let img = neighbour_grid(&q, &[vec![]]);
+        assert_eq!(img.dimensions(), (136, 164));
+        assert_eq!(*img.get_pixel(16, 16), QUERY_FRAME);
+        assert_eq!(neighbour_grid(&[], &[]).dimensions(), (136, 16));
+        // An image with no pixels leaves an empty tile.
+        let q = vec![(RgbImage::new(0, 5), String::new())];
+        let img = neighbour_grid(&q, &[vec![]]);
+        assert_eq!(*img.get_pixel(60, 60), BACKGROUND);
+    }
+
+    #[test]
+    #[should_panic(expected = "one neighbour list per query")]
+    fn neighbour_lists_must_match_queries() {
+        neighbour_grid(&[(RgbImage::new(2, 2), String::new())], &[]);
+    }
+
+    #[test]
+    fn long_labels_stay_under_their_cell() {
+        let mut img = RgbImage::from_pixel(200, 20, BACKGROUND);
+        let label = "a very long class name that cannot fit";
+        draw_label(&mut img, 50, 104, 2, label, TEXT);
+        let lit: Vec<u32> = (0..200)
+            .filter(|&x| (0..20).any(|y| *img.get_pixel(x, y) == TEXT))
+            .collect();
+        assert!(!lit.is_empty());
+        assert!(lit.iter().all(|x| (50..154).contains(x)), "{lit:?}");
     }
 }

@@ -28,6 +28,7 @@ pub mod optim;
 pub mod pool;
 pub mod ptx;
 pub mod step;
+pub mod step_bench;
 pub mod train;
 pub mod upload;
 pub mod views;
