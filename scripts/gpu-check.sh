@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
 # The GPU checks, in one command, for a GPU machine with a prebuilt release binary:
-#   scripts/gpu-check.sh [REPORT_DIR]          (default: $OUT, else bench/results)
+#   [STAGES="kernels step peer train"] scripts/gpu-check.sh [REPORT_DIR]
+#                                               (default dir: $OUT, else bench/results)
 # It finds the CUDA libraries (libcuda, libcublasLt) and sets LD_LIBRARY_PATH, records the
-# card, driver and clocks, runs `check-kernels` (every kernel against its CPU twin) and
-# `bench --device cuda` (per-kernel time, GB/s and TFLOP/s against the measured copy
-# bandwidth and matmul peak), and writes one markdown report, gpu-check-<date>-<card>.md,
-# with the commit it measured. Budget: under 6 minutes (each step has its own timeout).
+# card, driver and clocks and the commit it measured, then runs the stages asked for (all by
+# default; each under its own timeout) and writes one markdown report,
+# gpu-check-<date>-<card>.md:
+#   kernels  check-kernels (every kernel and the step against its CPU twin, ~1-2 min) and
+#            bench --device cuda (per-kernel time, GB/s, TFLOP/s, ~1-2 min)
+#   step     bench --step: img/s, MFU and memory of the whole training step for ViT-T/S/B/16
+#            at 2x224 + 8x96, K 65536, PWML, at the largest batch that fits (~2-3 min)
+#   peer     the same ViT-S/16 step at one batch (PEER_BATCH, default 64) in this engine and
+#            in the PyTorch peer (eager, then torch.compile + SDPA), side by side (~3-4 min)
+#   train    Fashion-MNIST on the GPU (needs data/fashion-mnist/*.gz, carried; see
+#            scripts/stage-gpu-data.sh): the small28 preset for TRAIN_EPOCHS (default 2)
+#            with kNN at the end, the first 20 steps' losses against the CPU backend's on
+#            the same config, and ViT-T/16 at 224/96 for TRAIN_STEPS_224 steps (default 200)
+# Device time is short (15 minutes a task, 10 a call): split the stages over calls, e.g.
+#   STAGES="kernels step" first, then STAGES="peer train".
 # Build the binary first on any machine: scripts/build-gpu-binary.sh (release, with the
 # kernels, the commit recorded, stripped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 bin=${PWSELF_BIN:-target/release/pwself-engine}
+stages=" ${STAGES:-kernels step peer train} "
+want() { case "$stages" in *" $1 "*) return 0;; *) return 1;; esac; }
 dir=${1:-${OUT:-bench/results}}
 mkdir -p "$dir"
 [ -x "$bin" ] || { echo "gpu-check: $bin not found: build it with cargo build --release" >&2; exit 2; }
@@ -71,33 +85,150 @@ log="$dir/gpu-check.log"
     echo '```'
 } > "$report"
 
-echo "== check-kernels"
-{
-    echo
-    echo "## check-kernels"
-    echo '```'
-} >> "$report"
-# Synchronise after every launch, so that a fault is reported under its kernel's name.
-PWSELF_CUDA_SYNC=1 timeout 150 "$bin" check-kernels 2>&1 | tee -a "$log" >> "$report"
-check_rc=${PIPESTATUS[0]}
-{
-    echo '```'
-    echo "exit status: $check_rc"
-} >> "$report"
+check_rc=0
+bench_rc=0
+step_rc=0
+peer_rc=0
+train_rc=0
+section() { { echo; echo "## $1"; echo; } >> "$report"; echo "== $1"; }
+fence() { echo '```' >> "$report"; }
 
-echo "== bench --device cuda"
-{
-    echo
-    echo "## bench --device cuda"
-    echo
-} >> "$report"
-timeout 150 "$bin" bench --device cuda --iters 20 --out "$dir/bench-table.md" 2>>"$log" >/dev/null
-bench_rc=$?
-if [ -f "$dir/bench-table.md" ]; then cat "$dir/bench-table.md" >> "$report"; rm -f "$dir/bench-table.md"; fi
-echo "exit status: $bench_rc" >> "$report"
-if [ "$bench_rc" -ne 0 ]; then
-    { echo '```'; tail -n 20 "$log"; echo '```'; } >> "$report"
+if want kernels; then
+    section "check-kernels"
+    fence
+    # Synchronise after every launch, so that a fault is reported under its kernel's name.
+    PWSELF_CUDA_SYNC=1 timeout 150 "$bin" check-kernels 2>&1 | tee -a "$log" >> "$report"
+    check_rc=${PIPESTATUS[0]}
+    fence
+    echo "exit status: $check_rc" >> "$report"
+
+    section "bench --device cuda"
+    timeout 150 "$bin" bench --device cuda --iters 20 --out "$dir/bench-table.md" 2>>"$log" >/dev/null
+    bench_rc=$?
+    if [ -f "$dir/bench-table.md" ]; then cat "$dir/bench-table.md" >> "$report"; rm -f "$dir/bench-table.md"; fi
+    echo "exit status: $bench_rc" >> "$report"
+    if [ "$bench_rc" -ne 0 ]; then
+        { fence; tail -n 20 "$log"; fence; } >> "$report"
+    fi
 fi
+
+if want step; then
+    section "bench --step (whole training steps)"
+    timeout 200 "$bin" bench --step --iters 10 --out "$dir/step-table.md" --json \
+        > "$dir/step-bench.json" 2>>"$log"
+    step_rc=$?
+    if [ -f "$dir/step-table.md" ]; then cat "$dir/step-table.md" >> "$report"; rm -f "$dir/step-table.md"; fi
+    echo "exit status: $step_rc (JSON: step-bench.json)" >> "$report"
+    [ "$step_rc" -ne 0 ] && { fence; tail -n 20 "$log"; fence; } >> "$report"
+fi
+
+if want peer; then
+    pb=${PEER_BATCH:-64}
+    section "ViT-S/16 side by side at batch $pb: this engine, PyTorch eager, PyTorch compile"
+    timeout 120 "$bin" bench --step --arch small --batch "$pb" --iters 10 --json \
+        > "$dir/peer-engine.json" 2>>"$log"
+    peer_rc=$?
+    for variant in eager compile; do
+        timeout 150 scripts/torch-peer.sh --device cuda --variant "$variant" --arch small \
+            --batch "$pb" --steps 10 --warmup 3 --json > "$dir/peer-torch-$variant.json" 2>>"$log"
+        rc=$?
+        [ "$rc" -ne 0 ] && peer_rc=$rc
+    done
+    python3 - "$dir" >> "$report" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(d, name)) as f:
+            return json.load(f)
+    except Exception as e:
+        return {"error": f"{name}: {e}"}
+eng = load("peer-engine.json")
+eng = eng[0] if isinstance(eng, list) and eng else eng
+rows = [("pwself-engine", eng.get("images_per_second"), eng.get("median_ms"), eng.get("memory_bytes"))]
+for v in ("eager", "compile"):
+    t = load(f"peer-torch-{v}.json")
+    rows.append((f"PyTorch {v}", t.get("img_per_s"), t.get("median_ms"),
+                 t.get("peak_memory_bytes") or t.get("peak_memory")))
+    if t.get("error"):
+        print(f"- PyTorch {v}: {t['error']}")
+print("| implementation | img/s | median ms/step | peak memory GiB | engine / this |")
+print("|---|---:|---:|---:|---:|")
+e = rows[0][1]
+for name, ips, ms, mem in rows:
+    ratio = f"{e / ips:.2f}x" if e and ips else "-"
+    gib = f"{mem / 2**30:.2f}" if isinstance(mem, (int, float)) else "-"
+    print(f"| {name} | {ips if ips is None else round(ips, 1)} | {ms if ms is None else round(ms, 2)} | {gib} | {ratio} |")
+PY
+    echo "exit status: $peer_rc (JSON: peer-*.json)" >> "$report"
+fi
+
+if want train; then
+    section "Training on the GPU: Fashion-MNIST"
+    src=data/fashion-mnist
+    if [ -f "$src/train-images-idx3-ubyte.gz" ]; then
+        "$bin" prepare idx --images "$src/train-images-idx3-ubyte.gz" --labels "$src/train-labels-idx1-ubyte.gz" \
+            --classes fashion-mnist --out "$dir/fmnist-train.pwpack" >>"$log" 2>&1
+        "$bin" prepare idx --images "$src/t10k-images-idx3-ubyte.gz" --labels "$src/t10k-labels-idx1-ubyte.gz" \
+            --classes fashion-mnist --out "$dir/fmnist-test.pwpack" >>"$log" 2>&1
+        packs=(--data "$dir/fmnist-train.pwpack" --test-data "$dir/fmnist-test.pwpack")
+        # The same 20 steps on both backends: the loss curves must agree within bf16 tolerance.
+        for dev in cuda cpu; do
+            timeout 120 "$bin" train "${packs[@]}" --device "$dev" --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
+                --max-steps 20 --eval-every 0 --out "$dir/train-compare-$dev" --json \
+                > "$dir/train-compare-$dev.json" 2>>"$log"
+        done
+        python3 - "$dir" >> "$report" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+def losses(dev):
+    try:
+        with open(os.path.join(d, f"train-compare-{dev}", "metrics.jsonl")) as f:
+            return [json.loads(l)["stats"]["loss"] for l in f if '"kind":"step"' in l.replace(" ", "")]
+    except Exception as e:
+        print(f"- {dev}: {e}")
+        return []
+g, c = losses("cuda"), losses("cpu")
+print("First steps, same config and seed (batch 256, small28): loss on the CPU backend (f32) and on the GPU (bf16)\n")
+print("| step | cpu | gpu | rel. diff |")
+print("|---:|---:|---:|---:|")
+worst = 0.0
+for i, (a, b) in enumerate(zip(c, g)):
+    r = abs(a - b) / abs(a)
+    worst = max(worst, r)
+    print(f"| {i} | {a:.5f} | {b:.5f} | {r:.2e} |")
+print(f"\nlargest relative difference: {worst:.2e} over {min(len(c), len(g))} steps")
+PY
+        timeout 300 "$bin" train "${packs[@]}" --device cuda --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
+            --out "$dir/train-small28" --json > "$dir/train-small28.json" 2>>"$log"
+        train_rc=$?
+        timeout 240 "$bin" train "${packs[@]}" --device cuda --arch tiny --patch 16 --view-sides 224,96 --local-views 8 \
+            --batch 64 --epochs 1 --max-steps "${TRAIN_STEPS_224:-200}" \
+            --out "$dir/train-224" --json > "$dir/train-224.json" 2>>"$log"
+        rc=$?
+        [ "$rc" -ne 0 ] && train_rc=$rc
+        python3 - "$dir" >> "$report" <<'PY'
+import json, sys, os
+d = sys.argv[1]
+for name in ("train-small28", "train-224"):
+    try:
+        s = json.load(open(os.path.join(d, name + ".json")))
+    except Exception as e:
+        print(f"- {name}: no summary ({e})")
+        continue
+    knn = s.get("knn_trained") or []
+    init = s.get("knn_init") or []
+    fmt = lambda r: ", ".join(f"k={x['k']} {x['top1']:.2f}%" for x in r) or "-"
+    print(f"- {name}: {s['steps']} steps in {s['seconds']:.1f} s ({s['images_per_second']:.0f} img/s) on {s.get('device')}; "
+          f"loss {s.get('first_loss')} -> {s.get('last_loss')}; kNN init {fmt(init)}, trained {fmt(knn)}; "
+          f"device memory {(s.get('device_memory') or 0) / 2**30:.2f} GiB")
+PY
+        echo "exit status: $train_rc" >> "$report"
+    else
+        echo "skipped: $src/*.gz not carried (run scripts/stage-gpu-data.sh and carry data/fashion-mnist)" >> "$report"
+    fi
+fi
+
 {
     echo
     echo "## Clocks after the runs"
@@ -108,4 +239,4 @@ fi
 
 cat "$report"
 echo "report: $report"
-[ "$check_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$check_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$step_rc" -eq 0 ] && [ "$peer_rc" -eq 0 ] && [ "$train_rc" -eq 0 ]

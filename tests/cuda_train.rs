@@ -80,3 +80,57 @@ fn the_gpu_backend_follows_the_cpu_loss_curve() {
     // And the checkpoint loads as a CPU one (same format).
     assert!(gpu_out.join("checkpoint.safetensors").exists());
 }
+
+#[test]
+fn the_gpu_teachers_knn_features_match_the_cpus() {
+    use pwself_engine::cuda::train::GpuTrainer;
+    use pwself_engine::cuda::Gpu;
+    use pwself_engine::data::{default_pack, PackWriter, Split};
+    use pwself_engine::model::vit::Network;
+    use pwself_engine::train::features::cls_features;
+    use pwself_engine::train::step::StepRunner;
+
+    // Six images of the embedded test split, as a pack of their own.
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let full = default_pack(Split::Test).expect("the embedded pack");
+    let path = dir.path().join("six.pwpack");
+    let mut w = PackWriter::create(&path, 28, 28, 1, full.class_names()).expect("a writer");
+    for i in 0..6 {
+        w.push(full.image(i), full.label(i)).expect("an image");
+    }
+    w.finish().expect("the pack");
+    let pack = std::sync::Arc::new(pwself_engine::data::Pack::open(&path).expect("opens"));
+
+    let cfg = tiny(dir.path());
+    let (views, vit) = cfg.resolve(28, 28, 1).expect("resolves");
+    let net = Network::new(vit, cfg.head.clone()).expect("a network");
+    let schedules = cfg.optim.schedules(4, 1, 1).expect("schedules");
+    let runner = StepRunner::new(
+        net.clone(),
+        views.clone(),
+        cfg.loss.clone(),
+        cfg.optim.clone(),
+        schedules,
+        1,
+        cfg.run.seed,
+    );
+    let weights = runner.init_weights();
+    let gpu = Gpu::emulated().expect("the emulator");
+    let trainer =
+        GpuTrainer::new(gpu, &runner, &weights, cfg.run.seed, pack.clone()).expect("a GPU trainer");
+    let side = views.global.side;
+    let g = trainer.cls_features(&pack, side).expect("GPU features");
+    let c = cls_features(&net, &weights.teacher, &pack, side);
+    assert_eq!(g.len(), c.len());
+    let scale = c.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let err = g
+        .iter()
+        .zip(&c)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    // bf16 activations through two blocks: the backbone check's bound (3e-2 of the scale).
+    assert!(
+        err / scale < 3e-2,
+        "max |gpu - cpu| / max |cpu| = {}",
+        err / scale
+    );
+}

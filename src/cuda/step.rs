@@ -708,6 +708,26 @@ impl GpuStep {
         Ok(stats)
     }
 
+    /// The teacher's final-norm CLS features `(N, D)` of `images` `(N, C, side, side)` f32
+    /// (normalised as the model sees them): for the kNN evaluation during training.
+    pub fn teacher_cls(
+        &self,
+        gpu: &Gpu,
+        images: &[f32],
+        n: usize,
+        side: usize,
+    ) -> Result<Vec<f32>> {
+        let dev = gpu.pool().upload(images)?;
+        let (out, acts) = self.teacher.forward(gpu, &self.blas, &dev, n, side, None)?;
+        std::mem::drop(acts);
+        let d = self.net.vit.embed_dim;
+        let tokens = check::download_bf16(&out)?;
+        let t = tokens.len() / (n * d).max(1);
+        Ok((0..n)
+            .flat_map(|i| tokens[i * t * d..i * t * d + d].iter().copied())
+            .collect())
+    }
+
     /// Everything a checkpoint holds, on the host (waits for the GPU): both networks' fp32
     /// masters, the student's AdamW state and the centre, as the CPU's [`Weights`].
     pub fn download_state(&self) -> Result<Weights> {

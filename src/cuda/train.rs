@@ -21,6 +21,7 @@ use super::step::{GpuStep, StepBatch, StepViews};
 use super::views::GpuViewBuilder;
 use crate::data::Pack;
 use crate::error::Result;
+use crate::train::features;
 use crate::train::step::{StepRunner, StepStats, Weights};
 use crate::views::batch::ViewBatch;
 
@@ -78,6 +79,18 @@ impl GpuTrainer {
             locals: (split < total).then(|| pixels.slice(split..total)),
         };
         self.step.step_on(&self.gpu, StepBatch::of(batch), views)
+    }
+
+    /// The teacher's final-norm CLS features `(N, D)` of every image of `pack`, seen whole
+    /// at `side` (the CPU's [`features::inputs`]), computed on the GPU in bf16.
+    pub fn cls_features(&self, pack: &Pack, side: usize) -> Result<Vec<f32>> {
+        let mut feats = Vec::new();
+        for start in (0..pack.len()).step_by(features::CHUNK) {
+            let end = (start + features::CHUNK).min(pack.len());
+            let x = features::inputs(pack, start..end, side);
+            feats.extend(self.step.teacher_cls(&self.gpu, &x, end - start, side)?);
+        }
+        Ok(feats)
     }
 
     /// Both networks, the AdamW state and the centre on the host (for checkpoints and the

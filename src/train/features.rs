@@ -11,10 +11,10 @@ use crate::views::crop::CropRecord;
 use crate::views::resize::{Interpolation, ResizePlan};
 
 /// Images per backbone call during extraction.
-const CHUNK: usize = 256;
+pub const CHUNK: usize = 256;
 
 /// `(N, C, side, side)` model input of images `range` of `pack`.
-fn inputs(pack: &Pack, range: std::ops::Range<usize>, side: usize) -> Vec<f32> {
+pub fn inputs(pack: &Pack, range: std::ops::Range<usize>, side: usize) -> Vec<f32> {
     let (h, w, c) = (pack.height(), pack.width(), pack.channels());
     let whole = CropRecord {
         top: 0,
@@ -53,6 +53,28 @@ pub fn cls_features(net: &Network, params: &[f32], pack: &Pack, side: usize) -> 
         }
     }
     feats
+}
+
+/// Weighted kNN accuracy (k in `ks`) of CLS features `(N, D)` already extracted from
+/// `train` and `test`.
+pub fn knn_of_features(
+    f_train: &[f32],
+    f_test: &[f32],
+    train: &Pack,
+    test: &Pack,
+    dim: usize,
+    ks: &[usize],
+) -> Vec<KnnResult> {
+    let classes = train.num_classes().max(test.num_classes());
+    knn_accuracy(
+        f_train,
+        train.labels(),
+        f_test,
+        test.labels(),
+        dim,
+        ks,
+        classes,
+    )
 }
 
 /// Weighted kNN accuracy (k in `ks`) of the teacher's CLS features, `train` vs `test`.

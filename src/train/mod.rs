@@ -67,6 +67,29 @@ enum Backend {
 }
 
 impl Backend {
+    /// The teacher's kNN accuracy (k in [`KNN_KS`]), with the features computed where the
+    /// backend runs (`w` is the CPU's weights; the GPU uses its own teacher).
+    fn knn(
+        &self,
+        net: &Network,
+        w: &Weights,
+        train: &Pack,
+        test: &Pack,
+        side: usize,
+    ) -> Result<Vec<KnnResult>> {
+        Ok(match self {
+            Backend::Cpu => features::knn_of(net, &w.teacher, train, test, side, &KNN_KS),
+            Backend::Gpu(t) => features::knn_of_features(
+                &t.cls_features(train, side)?,
+                &t.cls_features(test, side)?,
+                train,
+                test,
+                net.vit.embed_dim,
+                &KNN_KS,
+            ),
+        })
+    }
+
     /// `w` as the backend holds it now (the GPU's copy is downloaded; the CPU's is `w`).
     fn sync_host(&self, w: &mut Weights) -> Result<()> {
         if let Backend::Gpu(t) = self {
@@ -237,14 +260,6 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
 
     let eval_side = views.global.side;
     let do_eval = test.is_some() && !opts.no_eval;
-    let knn_init = match (&test, start, do_eval) {
-        (Some(t), 0, true) => Some(features::knn_of(
-            &net, &w.teacher, &train, t, eval_side, &KNN_KS,
-        )),
-        _ => None,
-    };
-    let mut evals = Vec::new();
-
     let train = Arc::new(train);
     let mut backend = match opts.device {
         TrainDevice::Cpu => Backend::Cpu,
@@ -266,6 +281,11 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         Backend::Cpu => "cpu".to_string(),
         Backend::Gpu(t) => t.device().to_string(),
     };
+    let knn_init = match (&test, start, do_eval) {
+        (Some(t), 0, true) => Some(backend.knn(&net, &w, &train, t, eval_side)?),
+        _ => None,
+    };
+    let mut evals = Vec::new();
     let builder = ViewBuilder::new(views.clone(), cfg.run.seed, &train)?;
     let plan = LoaderPlan {
         batch_size: batch,
@@ -332,7 +352,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let epoch = next / steps_per_epoch;
             let due = cfg.run.eval_every > 0 && epoch_end && epoch % cfg.run.eval_every as u64 == 0;
             if let (Some(t), true, true) = (&test, do_eval, due && next != total) {
-                let knn = features::knn_of(&net, &w.teacher, &train, t, eval_side, &KNN_KS);
+                let knn = backend.knn(&net, &w, &train, t, eval_side)?;
                 writeln!(
                     metrics,
                     "{}",
@@ -372,7 +392,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
 
     let (knn_trained, knn_raw) = match (&test, do_eval) {
         (Some(t), true) => {
-            let knn = features::knn_of(&net, &w.teacher, &train, t, eval_side, &KNN_KS);
+            let knn = backend.knn(&net, &w, &train, t, eval_side)?;
             let epoch = total.div_ceil(steps_per_epoch);
             writeln!(
                 metrics,

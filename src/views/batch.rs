@@ -443,7 +443,9 @@ impl Drop for ViewLoader {
     }
 }
 
-/// The worker's loop: build each batch, send it (blocking while the queue is full).
+/// The worker's loop: build each batch (its pixels only when `pixels`), send it (blocking
+/// while the queue is full).
+#[allow(clippy::too_many_arguments)]
 fn produce(
     pack: &Pack,
     builder: &ViewBuilder,
