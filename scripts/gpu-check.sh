@@ -114,7 +114,7 @@ fi
 
 if want step; then
     section "bench --step (whole training steps)"
-    timeout 200 "$bin" bench --step --iters 10 --out "$dir/step-table.md" --json \
+    timeout 200 "$bin" bench --step --profile --iters 10 --out "$dir/step-table.md" --json \
         > "$dir/step-bench.json" 2>>"$log"
     step_rc=$?
     if [ -f "$dir/step-table.md" ]; then cat "$dir/step-table.md" >> "$report"; rm -f "$dir/step-table.md"; fi

@@ -99,6 +99,10 @@ pub struct BenchArgs {
     /// With --step: untimed steps before the timed ones.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// With --step: after the timed steps, one more with every kernel and GEMM timed, and
+    /// the per-kernel share of the step printed.
+    #[arg(long)]
+    profile: bool,
     /// Run on the CPU emulator of the kernels (checks the benchmark's code path on machines
     /// without a GPU; its times mean nothing).
     #[arg(long)]
@@ -267,6 +271,7 @@ fn step_bench_cmd(args: &BenchArgs) -> Result<()> {
             batch: args.batch,
             iters: args.iters,
             warmup: args.warmup,
+            profile: args.profile,
         };
         eprintln!("  timing {arch:?}/{} steps", args.patch);
         let r = step_bench::run(&open_gpu, &cfg)?;

@@ -134,3 +134,45 @@ fn the_gpu_teachers_knn_features_match_the_cpus() {
         err / scale
     );
 }
+
+#[test]
+fn the_step_benchmark_counts_flops_and_profiles_every_kernel() {
+    use pwself_engine::cuda::step_bench::{self, StepBenchConfig};
+    use pwself_engine::cuda::Gpu;
+    use pwself_engine::loss::LossKind;
+    use pwself_engine::model::config::Arch;
+    use pwself_engine::views::config::Preset;
+
+    let cfg = StepBenchConfig {
+        arch: Arch::Femto,
+        patch: 4,
+        preset: Preset::Small28,
+        out_dim: 128,
+        loss: LossKind::Pwml,
+        batch: Some(2),
+        iters: 1,
+        warmup: 0,
+        profile: true,
+    };
+    let r = step_bench::run(&|| Gpu::emulated(), &cfg).expect("the benchmark runs");
+    assert_eq!(r.batch, 2);
+    assert!(r.images_per_second > 0.0 && r.flops.total > 0.0);
+    let parts = r.flops.teacher_backbone
+        + r.flops.teacher_head
+        + r.flops.student_backbone
+        + r.flops.student_head;
+    assert!((parts - r.flops.total).abs() <= 1e-9 * r.flops.total);
+    // The emulator is no card with a known peak.
+    assert!(r.mfu.is_none());
+    // Every kind of work of the step shows up in the profile, and the shares add up.
+    let names: Vec<&str> = r.profile.iter().map(|k| k.name.as_str()).collect();
+    for want in ["cublasLt gemm", "build_views_bf16", "adamw", "ema_update"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "{want} missing from the profile: {names:?}"
+        );
+    }
+    let share: f64 = r.profile.iter().map(|k| k.share).sum();
+    assert!((share - 1.0).abs() < 1e-9);
+    assert!(step_bench::to_markdown(&[r]).contains("Where the time goes"));
+}

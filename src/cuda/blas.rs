@@ -225,6 +225,20 @@ impl Blas {
     }
 
     fn run(&self, gpu: &Gpu, s: Shape, a: u64, b: u64, c: u64, bias: Option<u64>) -> Result<()> {
+        gpu.profiled("cublasLt gemm", || {
+            self.run_unprofiled(gpu, s, a, b, c, bias)
+        })
+    }
+
+    fn run_unprofiled(
+        &self,
+        gpu: &Gpu,
+        s: Shape,
+        a: u64,
+        b: u64,
+        c: u64,
+        bias: Option<u64>,
+    ) -> Result<()> {
         if gpu.is_emulated() {
             // SAFETY: under the emulator every address is a host block of the size the
             // launchers asserted.

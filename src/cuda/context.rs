@@ -136,6 +136,8 @@ pub struct Gpu {
     /// Synchronise and check for errors after every launch (debug builds, or
     /// PWSELF_CUDA_SYNC=1).
     check_each_launch: bool,
+    /// Per-launch timing spans while profiling is on.
+    profiler: super::profile::Profiler,
 }
 
 fn no_device_part(what: &str) -> Error {
@@ -219,6 +221,7 @@ impl Gpu {
             name,
             capability,
             check_each_launch,
+            profiler: Default::default(),
         })
     }
 
@@ -239,7 +242,35 @@ impl Gpu {
             name: "CPU emulator (the kernels compiled as C++; logic only, no timing)".to_string(),
             capability: (9, 0),
             check_each_launch: false,
+            profiler: Default::default(),
         })
+    }
+
+    /// Starts timing every kernel launch and GEMM on the compute stream (see
+    /// [`super::profile`]); [`Gpu::profile_take`] ends it.
+    pub fn profile_start(&self) {
+        self.profiler.start();
+    }
+
+    /// Waits for the compute stream, stops profiling and returns the time per kernel since
+    /// [`Gpu::profile_start`], largest first.
+    pub fn profile_take(&self) -> Result<Vec<super::profile::KernelTime>> {
+        self.sync()?;
+        super::profile::summarise(self.profiler.take())
+    }
+
+    /// Brackets `f` (work enqueued on the compute stream, e.g. a library call) as one span
+    /// named `what` when profiling is on.
+    pub(crate) fn profiled<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let stream = self.device.as_ref().map(|d| d.stream.as_ref());
+        let span = self.profiler.begin(stream)?;
+        let out = f()?;
+        self.profiler.end(span, stream, what)?;
+        Ok(out)
     }
 
     /// Whether this is the CPU emulator.
@@ -340,9 +371,12 @@ impl Gpu {
             return Ok(());
         }
         let Some(d) = &self.device else {
-            return super::emu::launch(module, kernel, cfg, args);
+            let span = self.profiler.begin(None)?;
+            super::emu::launch(module, kernel, cfg, args)?;
+            return self.profiler.end(span, None, kernel);
         };
         let f = self.function(d, module, kernel)?;
+        let span = self.profiler.begin(Some(&d.stream))?;
         let mut b = d.stream.launch_builder(&f);
         for a in args {
             match a {
@@ -355,6 +389,7 @@ impl Gpu {
         }
         b.launch(cfg)
             .map_err(|e| Error::cuda(format!("launching {module}::{kernel}"), e))?;
+        self.profiler.end(span, Some(&d.stream), kernel)?;
         if self.check_each_launch {
             d.stream
                 .synchronize()

@@ -63,6 +63,12 @@ pub unsafe fn launch(module: &str, kernel: &str, cfg: LaunchConfig, args: &[Arg]
     let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
     let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
     let mut err = vec![0u8; 512];
+    // The emulator's thread and block indices are globals of the C++ runtime: one launch at
+    // a time per process (tests may drive two emulated GPUs from two threads).
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let rc = pwself_emu_launch(
         name.as_ptr(),
         grid.as_ptr(),

@@ -26,6 +26,7 @@ pub mod head;
 pub mod layers;
 pub mod optim;
 pub mod pool;
+pub mod profile;
 pub mod ptx;
 pub mod step;
 pub mod step_bench;

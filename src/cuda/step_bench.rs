@@ -21,6 +21,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::context::Gpu;
+use super::profile::KernelTime;
 use super::train::GpuTrainer;
 use crate::data::pack::PackWriter;
 use crate::data::Pack;
@@ -53,6 +54,8 @@ pub struct StepBenchConfig {
     pub iters: usize,
     /// Untimed steps first (allocation, cuBLASLt's algorithm choice).
     pub warmup: usize,
+    /// After the timed steps, one more with every launch timed ([`super::profile`]).
+    pub profile: bool,
 }
 
 /// The batch sizes tried, largest first, when none is given.
@@ -173,6 +176,10 @@ pub struct StepBenchResult {
     pub memory_bytes: u64,
     /// Larger batches tried first that did not fit, with the error.
     pub did_not_fit: Vec<(usize, String)>,
+    /// The profiled step's time per kernel, largest first (empty without `profile`).
+    pub profile: Vec<KernelTime>,
+    /// The profiled step's wall time, milliseconds.
+    pub profiled_step_ms: Option<f64>,
 }
 
 /// A pack of `n` random images of `side x side x channels` in `dir`.
@@ -244,6 +251,15 @@ fn run_at(
             rows += stats.head_rows;
         }
     }
+    let (mut profile, mut profiled_step_ms) = (Vec::new(), None);
+    if cfg.profile {
+        builder.build_headers_into(&pack, steps, 0, &images, &mut b)?;
+        trainer.gpu().profile_start();
+        let t = Instant::now();
+        trainer.step(&b)?;
+        profile = trainer.gpu().profile_take()?;
+        profiled_step_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+    }
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median_ms = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
@@ -276,6 +292,8 @@ fn run_at(
         mfu: peak.map(|(p, _)| tflop_s / p),
         memory_bytes: trainer.memory_held(),
         did_not_fit: Vec::new(),
+        profile,
+        profiled_step_ms,
     })
 }
 
@@ -364,11 +382,34 @@ pub fn to_markdown(results: &[StepBenchResult]) -> String {
             r.memory_bytes as f64 / (1u64 << 30) as f64
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
         "\nModel FLOPs ({FLOPS_FORMULA}). MFU is against the card's dense bf16 peak from its \
          specification sheet."
     );
+    for r in results.iter().filter(|r| !r.profile.is_empty()) {
+        let total: f64 = r.profile.iter().map(|k| k.ms).sum();
+        let _ = write!(
+            s,
+            "\n**Where the time goes: {} at batch {}** (one profiled step: {:.2} ms of \
+             kernels and GEMMs in a step of {:.2} ms wall)\n\n\
+             | kernel | calls | ms | share |\n|---|---:|---:|---:|\n",
+            r.name,
+            r.batch,
+            total,
+            r.profiled_step_ms.unwrap_or(f64::NAN)
+        );
+        for k in &r.profile {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {:.1}% |",
+                k.name,
+                k.calls,
+                k.ms,
+                100.0 * k.share
+            );
+        }
+    }
     s
 }
 

@@ -53,6 +53,11 @@ impl GpuTrainer {
         })
     }
 
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
     /// The device, in words (`NVIDIA H100 80GB HBM3`, or the emulator's name).
     pub fn device(&self) -> &str {
         self.gpu.name()
