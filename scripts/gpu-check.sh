@@ -130,7 +130,7 @@ if want peer; then
     peer_rc=$?
     for variant in eager compile; do
         timeout 150 scripts/torch-peer.sh --device cuda --variant "$variant" --arch small \
-            --batch "$pb" --steps 10 --warmup 3 --json > "$dir/peer-torch-$variant.json" 2>>"$log"
+            --batch "$pb" --steps 10 --warmup 3 --strict --json > "$dir/peer-torch-$variant.json" 2>>"$log"
         rc=$?
         [ "$rc" -ne 0 ] && peer_rc=$rc
     done
