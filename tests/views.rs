@@ -177,6 +177,39 @@ fn loader_visits_every_image_once_per_epoch_and_resumes_exactly() {
 }
 
 #[test]
+fn the_headers_only_loader_gives_the_same_batches_without_pixels() {
+    // What the GPU backend consumes: the same images, labels, crops and matches as the
+    // full loader, batch for batch, and no pixels.
+    let dir = tempfile::tempdir().unwrap();
+    let pack = Arc::new(make_pack(dir.path(), 10));
+    let builder = ViewBuilder::new(ViewConfig::preset(Preset::Small32), 3, &pack).unwrap();
+    let plan = LoaderPlan {
+        batch_size: 3,
+        start: 1,
+        batches: 5,
+        prefetch: 2,
+    };
+    let full: Vec<_> = ViewLoader::start(Arc::clone(&pack), builder.clone(), plan)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let heads: Vec<_> = ViewLoader::start_headers(pack, builder, plan)
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert_eq!(heads.len(), 5);
+    for (h, f) in heads.iter().zip(&full) {
+        assert_eq!(
+            (h.index, h.epoch, &h.images, &h.labels, &h.crops, h.channels),
+            (f.index, f.epoch, &f.images, &f.labels, &f.crops, f.channels)
+        );
+        assert_eq!(format!("{:?}", h.pairs), format!("{:?}", f.pairs));
+        assert!(h.views.is_empty());
+        assert!(!f.views.is_empty());
+    }
+}
+
+#[test]
 fn loader_builds_ahead_of_a_slow_consumer() {
     // The consumer takes 400 ms per step while a batch of 8 small images takes about a
     // millisecond to build: every batch after the first must be waiting already. The bound

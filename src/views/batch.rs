@@ -179,18 +179,9 @@ impl ViewBuilder {
         images: &[u32],
         out: &mut ViewBatch,
     ) -> Result<()> {
-        self.check_pack(pack, images)?;
+        self.fill_headers(pack, index, epoch, images, out)?;
         let cfg = &self.cfg;
         let (b, c) = (images.len(), self.channels);
-        out.index = index;
-        out.epoch = epoch;
-        out.channels = c;
-        out.images.clear();
-        out.images.extend_from_slice(images);
-        out.labels.clear();
-        out.labels
-            .extend(images.iter().map(|&i| pack.label(i as usize)));
-        out.crops = self.crops(index);
         out.views.resize_with(cfg.num_views(), Vec::new);
         for (v, buf) in out.views.iter_mut().enumerate() {
             let side = cfg.side(v);
@@ -248,8 +239,24 @@ impl ViewBuilder {
         images: &[u32],
         out: &mut ViewBatch,
     ) -> Result<()> {
-        self.check_pack(pack, images)?;
+        self.fill_headers(pack, index, epoch, images, out)?;
+        out.views.clear();
         let cfg = &self.cfg;
+        out.pairs = batch_matches(&out.crops, &self.grids, cfg.global.count, cfg.match_rule)?;
+        Ok(())
+    }
+
+    /// Checks `images` against `pack` and writes `out`'s index, epoch, channels, images,
+    /// labels and crop records (what both builds share).
+    fn fill_headers(
+        &self,
+        pack: &Pack,
+        index: u64,
+        epoch: u64,
+        images: &[u32],
+        out: &mut ViewBatch,
+    ) -> Result<()> {
+        self.check_pack(pack, images)?;
         out.index = index;
         out.epoch = epoch;
         out.channels = self.channels;
@@ -259,8 +266,6 @@ impl ViewBuilder {
         out.labels
             .extend(images.iter().map(|&i| pack.label(i as usize)));
         out.crops = self.crops(index);
-        out.views.clear();
-        out.pairs = batch_matches(&out.crops, &self.grids, cfg.global.count, cfg.match_rule)?;
         Ok(())
     }
 
