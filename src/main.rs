@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod dino_flags;
 mod eval_cmd;
 mod gpu_cmd;
 
@@ -102,8 +103,9 @@ struct TrainArgs {
     /// Pack for the kNN evaluation (default: the embedded test split with the embedded data).
     #[arg(long, value_name = "PACK")]
     test_data: Option<PathBuf>,
-    /// Backbone size.
-    #[arg(long, value_enum)]
+    /// Backbone size: femto, tiny, small, base (DINO's names vit_tiny, vit_small, vit_base,
+    /// deit_tiny, deit_small work too).
+    #[arg(long, value_parser = dino_flags::parse_arch, value_name = "NAME")]
     arch: Option<Arch>,
     /// Patch size in pixels.
     #[arg(long)]
@@ -153,6 +155,13 @@ struct TrainArgs {
     /// Backend: cpu, cuda, or auto (the GPU when one is usable, else the CPU, saying so).
     #[arg(long, value_enum, default_value_t = DeviceFlag::Auto)]
     device: DeviceFlag,
+    /// Resolve the whole configuration (flags, --config file, DINO defaults, the pack's
+    /// image size), print it as JSON and exit without training.
+    #[arg(long, hide = true)]
+    print_config: bool,
+    /// DINO's main_dino.py flag names (docs/dino-flags.md).
+    #[command(flatten)]
+    dino: dino_flags::DinoFlags,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -246,7 +255,9 @@ fn main() {
 fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
         if t == 0 {
-            bail!("--threads: must be at least 1");
+            bail!(
+                "run.threads (--threads): is 0: pass at least 1, or leave it out to use every core"
+            );
         }
         std::env::set_var("MATMUL_NUM_THREADS", t.min(4).to_string());
         rayon::ThreadPoolBuilder::new()
@@ -258,10 +269,24 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
 }
 
 fn train(args: &TrainArgs) -> Result<()> {
+    args.dino.refuse_unsupported()?;
     let mut cfg = match &args.config {
         Some(p) => TrainConfig::from_toml_file(p)?,
         None => TrainConfig::default(),
     };
+    let dino_given = args.dino.given();
+    if !dino_given.is_empty() {
+        // DINO-spelled flags: main_dino.py's defaults under the file's keys and the flags.
+        let table = match &args.config {
+            Some(p) => Some(dino_flags::config_table(p)?),
+            None => None,
+        };
+        dino_flags::apply_defaults(&mut cfg, table.as_ref());
+        eprintln!(
+            "note: DINO flags ({}): unset keys take main_dino.py's defaults (docs/dino-flags.md)",
+            dino_given.join(" ")
+        );
+    }
     if let Some(l) = args.loss {
         cfg.loss.kind = match l {
             LossFlag::Dino => LossKind::Dino,
@@ -292,8 +317,11 @@ fn train(args: &TrainArgs) -> Result<()> {
     if args.patch.is_some() {
         cfg.model.patch = args.patch;
     }
-    if let Some(s) = &args.view_sides {
-        let (g, l) = parse_pair::<usize>(s, "--view-sides")?;
+    let view_sides = match &args.view_sides {
+        Some(s) => Some(parse_pair::<usize>(s, "--view-sides")?),
+        None => None,
+    };
+    if let Some((g, l)) = view_sides {
         (cfg.views.global_side, cfg.views.local_side) = (Some(g), Some(l));
     }
     if args.global_views.is_some() {
@@ -328,6 +356,23 @@ fn train(args: &TrainArgs) -> Result<()> {
     }
     if let Some(o) = &args.out {
         cfg.run.out.clone_from(o);
+    }
+    let own = dino_flags::OwnFlags {
+        patch: args.patch,
+        out_dim: args.out_dim,
+        batch: args.batch,
+        out: args.out.as_deref(),
+        data: args.data.as_deref(),
+        global_views: args.global_views,
+        local_views: args.local_views,
+        view_sides,
+    };
+    for note in args.dino.apply(&mut cfg, &own)? {
+        eprintln!("note: {note}");
+    }
+    if args.print_config {
+        println!("{}", dino_flags::resolved_json(&cfg)?);
+        return Ok(());
     }
     let device = gpu_cmd::resolve_train_device(args.device)?;
     set_threads(cfg.run.threads)?;
@@ -380,6 +425,9 @@ fn views(args: &ViewsArgs) -> Result<()> {
     let cfg = args.views.config(pack.height(), pack.width())?;
     let builder = ViewBuilder::new(cfg.clone(), args.views.seed, &pack)?;
     let steps_per_epoch = (pack.len() / args.batch.max(1)) as u64;
+    if args.batches == Some(0) {
+        bail!("--batches: is 0: pass at least 1, or leave it out for one epoch");
+    }
     let batches = args.batches.unwrap_or(steps_per_epoch).max(1);
     let plan = LoaderPlan {
         batch_size: args.batch,

@@ -76,7 +76,14 @@ impl Variant {
 
 /// Reads names, one per non-empty line, from `path`; expects exactly `k`.
 fn read_names(path: &Path, k: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::bad_file(
+            path,
+            "is not UTF-8 text: write one class name per line as UTF-8, or remove the file \
+             to use the default names",
+        )
+    })?;
     let names: Vec<String> = text
         .lines()
         .map(str::trim)

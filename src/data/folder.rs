@@ -4,6 +4,24 @@
 //! chunks, converted to RGB or grey, squashed (no crop, aspect ratio not kept, as the
 //! official PW-Self code squashes to 256x256) to `side x side` with a Catmull-Rom filter,
 //! and streamed into a [`PackWriter`]. This module must not hold the whole dataset in memory.
+//!
+//! # What is refused and what is only reported
+//!
+//! Errors (nothing is written, the message names the path and the fix):
+//! - the root does not exist, is not a folder, or has no class subfolder;
+//! - a class folder holds no `.png`/`.jpg`/`.jpeg` file (its label would have no image);
+//! - a folder cannot be listed, or a symbolic link leads back to a folder above it (a loop);
+//! - an image file cannot be read or decoded (garbage, truncated, or another format under an
+//!   image extension): `prepare` stops rather than silently train on fewer images.
+//!
+//! Warnings (one line on stderr, the pack is still written):
+//! - files without an image extension (`readme.txt`, `.webp`, ...) are skipped, as
+//!   torchvision's `ImageFolder` skips them;
+//! - files directly in the root, outside every class folder, are skipped.
+//!
+//! Accepted silently: images of mixed sizes and aspect ratios (each is squashed to
+//! `side x side`, by design), grey, RGBA or 16-bit images (converted), hidden files and
+//! folders (names starting with `.`, never read).
 
 use std::fs;
 use std::io::Cursor;
@@ -36,6 +54,23 @@ pub struct FolderListing {
     pub files: Vec<PathBuf>,
     /// The label of each file.
     pub labels: Vec<u16>,
+    /// Files that were skipped: not images (by extension), or directly in the root.
+    pub ignored: Vec<PathBuf>,
+}
+
+impl FolderListing {
+    /// The warning `prepare` prints about [`FolderListing::ignored`], if any was skipped.
+    pub fn ignored_warning(&self, root: &Path) -> Option<String> {
+        let first = self.ignored.first()?;
+        Some(format!(
+            "{}: skipped {} file(s) that are not .png/.jpg/.jpeg images inside a class \
+             folder (e.g. {}); move images into root/<class>/ and convert other formats to \
+             PNG if they belong in the pack",
+            root.display(),
+            self.ignored.len(),
+            first.display()
+        ))
+    }
 }
 
 fn is_image(path: &Path) -> bool {
@@ -71,15 +106,41 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Appends the image files under `dir` (recursively, sorted) to `out`.
-fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Appends the image files under `dir` (recursively, sorted) to `out` and the other files
+/// to `ignored`. `above` holds the canonical paths of the folders above `dir` (and `dir`
+/// itself last), to refuse symbolic-link loops instead of recursing forever.
+fn collect_images(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    ignored: &mut Vec<PathBuf>,
+    above: &mut Vec<PathBuf>,
+) -> Result<()> {
     for path in sorted_entries(dir)? {
         // Follow symlinks: a class folder of links into another tree is common.
-        let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let meta = fs::metadata(&path).map_err(|e| {
+            Error::bad_file(
+                &path,
+                format!("cannot be read ({e}): fix or remove it (a dangling link?)"),
+            )
+        })?;
         if meta.is_dir() {
-            collect_images(&path, out)?;
+            let canonical = fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+            if let Some(ancestor) = above.iter().find(|a| **a == canonical) {
+                return Err(Error::bad_file(
+                    &path,
+                    format!(
+                        "leads back to {} (a symbolic-link loop): remove the link",
+                        ancestor.display()
+                    ),
+                ));
+            }
+            above.push(canonical);
+            collect_images(&path, out, ignored, above)?;
+            above.pop();
         } else if meta.is_file() && is_image(&path) {
             out.push(path);
+        } else {
+            ignored.push(path);
         }
     }
     Ok(())
@@ -105,12 +166,18 @@ pub fn list_image_folder(root: &Path) -> Result<FolderListing> {
         Ok(_) => {}
     }
     let mut class_dirs = Vec::new();
+    let mut ignored = Vec::new();
     for path in sorted_entries(root)? {
-        if fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .is_dir()
-        {
+        let meta = fs::metadata(&path).map_err(|e| {
+            Error::bad_file(
+                &path,
+                format!("cannot be read ({e}): fix or remove it (a dangling link?)"),
+            )
+        })?;
+        if meta.is_dir() {
             class_dirs.push(path);
+        } else {
+            ignored.push(path);
         }
     }
     if class_dirs.is_empty() {
@@ -130,6 +197,7 @@ pub fn list_image_folder(root: &Path) -> Result<FolderListing> {
             ),
         ));
     }
+    let root_canonical = fs::canonicalize(root).map_err(|e| Error::io(root, e))?;
     let mut class_names = Vec::with_capacity(class_dirs.len());
     let mut files = Vec::new();
     let mut labels = Vec::new();
@@ -142,7 +210,11 @@ pub fn list_image_folder(root: &Path) -> Result<FolderListing> {
             })?
             .to_string();
         let before = files.len();
-        collect_images(dir, &mut files)?;
+        let mut above = vec![
+            root_canonical.clone(),
+            fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?,
+        ];
+        collect_images(dir, &mut files, &mut ignored, &mut above)?;
         if files.len() == before {
             return Err(Error::bad_file(
                 dir,
@@ -157,13 +229,15 @@ pub fn list_image_folder(root: &Path) -> Result<FolderListing> {
         class_names,
         files,
         labels,
+        ignored,
     })
 }
 
 /// Decodes the image at `path`, converts it to `channels` (1 or 3) and squashes it to
 /// `side x side`: `side * side * channels` bytes, HWC.
 pub fn load_image(path: &Path, side: usize, channels: usize) -> Result<Vec<u8>> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = fs::read(path)
+        .map_err(|e| super::pack::open_failed(path, e, "remove it or fix the link"))?;
     let undecodable = |why: String| {
         Error::bad_file(
             path,
@@ -198,7 +272,8 @@ pub fn load_image(path: &Path, side: usize, channels: usize) -> Result<Vec<u8>> 
 }
 
 /// Lists `root`, decodes the images `subset` picks and writes them to a pack at `out`.
-/// Shows a progress bar on stderr when it is a terminal.
+/// Shows a progress bar on stderr when it is a terminal, and prints a warning there when
+/// files were skipped (see the module documentation for what is refused and what skipped).
 pub fn prepare_folder(
     root: &Path,
     opts: FolderOptions,
@@ -218,6 +293,9 @@ pub fn prepare_folder(
         ));
     }
     let listing = list_image_folder(root)?;
+    if let Some(w) = listing.ignored_warning(root) {
+        eprintln!("warning: {w}");
+    }
     let keep = subset.select(&listing.labels, &listing.class_names, root)?;
     let mut writer = PackWriter::create(
         out,

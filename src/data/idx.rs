@@ -100,18 +100,19 @@ fn check_payload(
     dims: &str,
     path: &Path,
 ) -> Result<()> {
-    let have = bytes.len() - head_len;
-    match want {
-        Some(w) if w == have => Ok(()),
-        _ => Err(Error::bad_file(
-            path,
-            format!(
-                "payload is {have} bytes but its header ({dims}) says {} bytes: the file is \
-                 truncated or corrupt; download it again",
-                want.map_or_else(|| "more than fit in memory".to_string(), |w| w.to_string())
-            ),
-        )),
-    }
+    let have = bytes.len().saturating_sub(head_len);
+    let says = match want {
+        Some(w) if w == have => return Ok(()),
+        Some(w) => format!("{w} bytes"),
+        None => "more bytes than fit in memory".to_string(),
+    };
+    Err(Error::bad_file(
+        path,
+        format!(
+            "payload is {have} bytes but its header ({dims}) says {says}: the file is \
+             truncated or corrupt; download it again"
+        ),
+    ))
 }
 
 /// Reads an IDX images file (magic 0x00000803), plain or gzip.

@@ -144,12 +144,31 @@ pub(crate) fn gunzip(compressed: &[u8], origin: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The error for an input file that cannot be opened: a missing file says so and how to
+/// fix it (`fix`); any other failure keeps the operating system's reason.
+pub(crate) fn open_failed(path: &Path, e: std::io::Error, fix: &str) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::bad_file(path, format!("does not exist: check the path; {fix}"))
+        }
+        std::io::ErrorKind::PermissionDenied => Error::bad_file(
+            path,
+            format!("cannot be read ({e}): give yourself read permission"),
+        ),
+        _ => Error::io(path, e),
+    }
+}
+
 /// Reads a whole file into memory, gunzipping it when it starts with the gzip magic.
 pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    if fs::metadata(path).map_err(|e| Error::io(path, e))?.is_dir() {
+    let fix = "pass an existing source file";
+    if fs::metadata(path)
+        .map_err(|e| open_failed(path, e, fix))?
+        .is_dir()
+    {
         return Err(Error::bad_file(path, "is a directory: pass a file instead"));
     }
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = fs::read(path).map_err(|e| open_failed(path, e, fix))?;
     if is_gzip(&bytes) {
         gunzip(&bytes, path)
     } else {
@@ -417,7 +436,8 @@ impl Pack {
     /// writes a new file and renames it over the old one).
     pub fn open(path: impl AsRef<Path>) -> Result<Pack> {
         let path = path.as_ref();
-        let meta = fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let fix = "pass a pack written by `pwself-engine prepare` (or run prepare first)";
+        let meta = fs::metadata(path).map_err(|e| open_failed(path, e, fix))?;
         if meta.is_dir() {
             return Err(Error::bad_file(
                 path,
@@ -425,7 +445,7 @@ impl Pack {
                  `pwself-engine prepare`",
             ));
         }
-        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = File::open(path).map_err(|e| open_failed(path, e, fix))?;
         let mut head = [0u8; 2];
         let mut got = 0;
         while got < head.len() {
@@ -751,7 +771,16 @@ impl PackWriter {
             .write(true)
             .create_new(true)
             .open(&tmp_path)
-            .map_err(|e| Error::io(&tmp_path, e))?;
+            .map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "cannot be written: creating the temporary file {} failed ({e}); \
+                         check that the folder is writable, or choose another --out",
+                        tmp_path.display()
+                    ),
+                )
+            })?;
         let mut writer = PackWriter {
             path: path.to_path_buf(),
             tmp_path,
@@ -775,7 +804,9 @@ impl PackWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         match self.file.as_mut() {
-            Some(f) => f.write_all(bytes).map_err(|e| Error::io(&self.tmp_path, e)),
+            Some(f) => f
+                .write_all(bytes)
+                .map_err(|e| write_failed(&self.path, &self.tmp_path, e)),
             None => Err(Error::bad_file(
                 &self.path,
                 "pack writer used after a failed write: start again",
@@ -919,13 +950,22 @@ impl PackWriter {
             .ok_or_else(|| Error::bad_file(&self.path, "pack writer already failed"))?;
         let mut file = buf
             .into_inner()
-            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+            .map_err(|e| write_failed(&self.path, &tmp, e.into_error()))?;
         file.seek(SeekFrom::Start(0))
             .and_then(|_| file.write_all(&header))
             .and_then(|_| file.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
+            .map_err(|e| write_failed(&self.path, &tmp, e))?;
         drop(file);
-        fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        fs::rename(&tmp, &self.path).map_err(|e| {
+            Error::bad_file(
+                &self.path,
+                format!(
+                    "cannot be replaced by the finished pack {} ({e}): check that the folder \
+                     is writable, or choose another --out",
+                    tmp.display()
+                ),
+            )
+        })?;
         self.done = true;
         let dir = parent_dir(&self.path);
         File::open(&dir)
@@ -952,6 +992,19 @@ impl Drop for PackWriter {
             let _ = fs::remove_file(&self.tmp_path);
         }
     }
+}
+
+/// The error of a failed write to `tmp`, the temporary file of the pack at `path` (the
+/// writer removes `tmp` when dropped, so nothing is left behind).
+fn write_failed(path: &Path, tmp: &Path, e: std::io::Error) -> Error {
+    Error::bad_file(
+        path,
+        format!(
+            "cannot be written: writing {} failed ({e}); nothing was left behind: free some \
+             disk space or choose another --out, then run prepare again",
+            tmp.display()
+        ),
+    )
 }
 
 /// The directory holding `path` (`.` for a bare file name).

@@ -153,7 +153,11 @@ impl VitConfig {
         if !(0.0..1.0).contains(&self.drop_path) {
             return bad(
                 "drop_path",
-                format!("{} is not a rate in [0, 1)", self.drop_path),
+                format!(
+                    "{} is not a rate in [0, 1): pass e.g. 0.1 (the paper) or 0 to turn \
+                     stochastic depth off",
+                    self.drop_path
+                ),
             );
         }
         Ok(())
@@ -163,11 +167,18 @@ impl VitConfig {
 impl HeadConfig {
     /// Refuses impossible sizes, naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.layers == 0 || self.hidden == 0 || self.bottleneck == 0 || self.out_dim == 0 {
-            return Err(Error::bad_config(
-                "head",
-                "layers, hidden, bottleneck and out_dim must all be at least 1 (DINO: 3, 2048, 256, 65536)",
-            ));
+        for (field, v, dino) in [
+            ("head.layers", self.layers, 3),
+            ("head.hidden", self.hidden, 2048),
+            ("head.bottleneck", self.bottleneck, 256),
+            ("head.out_dim (--out-dim)", self.out_dim, 65536),
+        ] {
+            if v == 0 {
+                return Err(Error::bad_config(
+                    field,
+                    format!("is 0: pass at least 1 (DINO: {dino})"),
+                ));
+            }
         }
         Ok(())
     }

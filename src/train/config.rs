@@ -157,13 +157,41 @@ impl TrainConfig {
     /// Reads a TOML file; unknown keys and wrong types are refused with the file, the key
     /// and the line.
     pub fn from_toml_file(path: &Path) -> Result<TrainConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::bad_file(
+                path,
+                "does not exist: pass the path of a TOML configuration file (--config), or \
+                 leave --config out to train with the defaults",
+            ),
+            _ if path.is_dir() => Error::bad_file(
+                path,
+                "is a folder: pass the path of a TOML configuration file (--config)",
+            ),
+            _ => Error::io(path, e),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
             Error::bad_file(
                 path,
                 format!(
-                    "{}: see `pwself-engine train --help` and the README for the keys",
-                    e.to_string().trim_end()
+                    "is not UTF-8 text (invalid byte at offset {}): a configuration is a TOML \
+                     text file; save it as UTF-8",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            let msg = e.to_string();
+            // The one struct variant a user writes: `kind = "pwll"` lacks its weight.
+            let hint = if msg.contains("expected struct variant") {
+                "PWLL needs its CLS weight: write kind = { pwll = { lambda = 0.5 } }; "
+            } else {
+                ""
+            };
+            Error::bad_file(
+                path,
+                format!(
+                    "{}: {hint}see `pwself-engine train --help` and the README for the keys",
+                    msg.trim_end()
                 ),
             )
         })
@@ -231,13 +259,26 @@ impl TrainConfig {
         if self.run.batch == 0 {
             return Err(Error::bad_config(
                 "run.batch (--batch)",
-                "the batch size must be at least 1",
+                "is 0: the batch size must be at least 1 (e.g. 32)",
             ));
         }
         if self.run.epochs == 0 {
             return Err(Error::bad_config(
                 "run.epochs (--epochs)",
-                "train for at least 1 epoch",
+                "is 0: the schedules span the epochs, so pass at least 1",
+            ));
+        }
+        if self.run.max_steps == Some(0) {
+            return Err(Error::bad_config(
+                "run.max_steps (--max-steps)",
+                "is 0, so nothing would be trained: pass at least 1, or leave it out to \
+                 train every step of every epoch",
+            ));
+        }
+        if self.run.threads == Some(0) {
+            return Err(Error::bad_config(
+                "run.threads (--threads)",
+                "is 0: pass at least 1, or leave it out to use every core",
             ));
         }
         Ok((views, vit))

@@ -406,7 +406,29 @@ impl ViewLoader {
     /// index, a config error) come out here.
     pub fn next_batch(&mut self) -> Option<Result<ViewBatch>> {
         let t = Instant::now();
-        let got = self.rx.as_ref()?.recv().ok();
+        let got = match self.rx.as_ref()?.recv() {
+            Ok(b) => Some(b),
+            Err(_) => {
+                // The worker hung up: after its last batch, or because it panicked. A
+                // panic must not pass for the end of the data.
+                self.rx = None;
+                if let Some(Err(p)) = self.worker.take().map(|w| w.join()) {
+                    let why = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    return Some(Err(Error::bad_config(
+                        "views",
+                        format!(
+                            "the view-loader thread panicked ({why}): this is a bug; please \
+                             report it with the command line"
+                        ),
+                    )));
+                }
+                None
+            }
+        };
         let waited = t.elapsed();
         if got.is_some() {
             if self.stats.batches == 0 {

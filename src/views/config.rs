@@ -10,6 +10,13 @@ use crate::views::matching::MatchRule;
 use crate::views::photometric::PhotometricConfig;
 use crate::views::resize::Interpolation;
 
+/// The most views of one family (global or local) an image may get.
+pub const MAX_VIEWS: usize = 4096;
+/// The most patches along one side of a view: per-patch augmentation numbers a view's
+/// patches with a 20-bit region index below [`crate::views::photometric::WHOLE_VIEW`],
+/// so `grid * grid` must stay below 2^20 - 1.
+pub const MAX_GRID: usize = 1023;
+
 /// The named view setups.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -148,21 +155,38 @@ impl ViewConfig {
         }
         if self.global.count == 0 {
             return Err(Error::bad_config(
-                "views.global_count (--global-views)",
-                "needs at least 1 global view: the teacher sees only globals",
+                "views.global_views (--global-views)",
+                "is 0, but the teacher sees only global views: pass at least 1 (the paper: 2)",
             ));
         }
-        if self.global.count > 4096 || self.local.count > 4096 {
-            return Err(Error::bad_config(
-                "views",
-                "at most 4096 views of each family",
-            ));
+        for (name, fam) in [("global", &self.global), ("local", &self.local)] {
+            if fam.count > MAX_VIEWS {
+                return Err(Error::bad_config(
+                    format!("views.{name}_views (--{name}-views)"),
+                    format!(
+                        "{} views per image is more than the {MAX_VIEWS} allowed: pass at most \
+                         {MAX_VIEWS} (the paper: 2 global, 8 local)",
+                        fam.count
+                    ),
+                ));
+            }
         }
         for (name, fam) in [("global", &self.global), ("local", &self.local)] {
             if fam.count == 0 {
                 continue;
             }
-            if fam.side == 0 || fam.side % p != 0 {
+            if fam.side == 0 {
+                return Err(Error::bad_config(
+                    format!("views.{name}_side (--view-sides)"),
+                    format!(
+                        "a view side of 0 pixels holds no patch: pass a positive multiple of \
+                         the patch size {p} (e.g. {}), or set views.{name}_views \
+                         (--{name}-views) to 0 to make no {name} views",
+                        if name == "global" { 7 * p } else { 3 * p }
+                    ),
+                ));
+            }
+            if fam.side % p != 0 {
                 let down = fam.side / p * p;
                 return Err(Error::bad_config(
                     format!("views.{name}_side (--view-sides)"),
@@ -174,10 +198,16 @@ impl ViewConfig {
                     ),
                 ));
             }
-            if fam.side / p > 1024 {
+            if fam.side / p > MAX_GRID {
                 return Err(Error::bad_config(
-                    format!("views.{name}_side"),
-                    "at most 1024 patches per side",
+                    format!("views.{name}_side (--view-sides)"),
+                    format!(
+                        "view side {} is {} patches of {p} pixels, more than the {MAX_GRID} \
+                         allowed per side: pass a side of at most {}",
+                        fam.side,
+                        fam.side / p,
+                        MAX_GRID * p
+                    ),
                 ));
             }
             fam.scale
@@ -252,6 +282,29 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(
             e.contains("views.global_scale") && e.contains("(0, 1]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn largest_grid_fits_the_patch_index() {
+        use crate::views::photometric::WHOLE_VIEW;
+        // Patch indices run 0..grid^2 and must stay below the whole-view marker.
+        assert!(MAX_GRID * MAX_GRID < WHOLE_VIEW as usize);
+        assert!((MAX_GRID + 1) * (MAX_GRID + 1) >= WHOLE_VIEW as usize);
+        let mut c = ViewConfig::preset(Preset::Small28);
+        c.global.side = MAX_GRID * 4;
+        c.validate().unwrap();
+        c.global.side += 4;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--view-sides") && e.contains("at most 4092"),
+            "{e}"
+        );
+        c.global.side = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("views.global_side") && e.contains("0 pixels"),
             "{e}"
         );
     }
