@@ -7,12 +7,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused an I/O operation on a file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// (The OS error is part of the message and deliberately not a `source()`: the CLI
+    /// prints the error chain, which would repeat it.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file was read but its contents are not what they should be.
     /// `reason` says what is wrong and how to fix it.
     #[error("{}: {reason}", path.display())]
@@ -35,7 +33,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
     /// A file whose contents are wrong; `reason` should end with the fix.

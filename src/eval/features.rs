@@ -201,6 +201,7 @@ impl Extractor {
     /// The side is the global view side the model was trained at (`ref_grid * patch`).
     pub fn from_checkpoint(path: &Path) -> Result<Extractor> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        crate::checkpoint::verify(path, &bytes)?;
         let checkpoint_hash = hash_hex(&bytes);
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
             Error::bad_file(

@@ -3,9 +3,15 @@
 //! Opens the packs, resolves the configuration, initialises (or resumes), then runs steps
 //! on batches from the prefetching [`ViewLoader`], writing one JSON line of metrics per
 //! step, a kNN evaluation every `eval_every` epochs, a checkpoint at the end of every
-//! epoch and of the run, and a PNG of the curves. Everything a step draws is a function
-//! of `(seed, step)`, so two runs with the same seed produce the same checkpoints, and a
-//! resumed run continues exactly where the interrupted one would have gone.
+//! epoch and of the run (the last [`KEEP_CHECKPOINTS`] kept, see [`checkpoint`]), and a
+//! PNG of the curves. Everything a step draws is a function of `(seed, step)`, so two
+//! runs with the same seed produce the same checkpoints, and a resumed run continues
+//! exactly where the interrupted one would have gone.
+//!
+//! Faults: a step with a non-finite loss or gradient changes nothing and is reported
+//! with the tensor at fault (stderr and `metrics.jsonl`); [`MAX_BAD_STEPS`] in a row stop
+//! the run, and no checkpoint is written while such a streak lasts. A checkpoint that
+//! cannot be written stops the run, the previous one intact.
 
 pub mod config;
 pub mod features;
@@ -19,7 +25,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::checkpoint::{self, TrainingState};
+use crate::checkpoint::{self, TrainingState, KEEP_CHECKPOINTS};
 use crate::cuda::train::GpuTrainer;
 use crate::cuda::Gpu;
 use crate::data::{default_pack, Pack, Split};
@@ -29,16 +35,19 @@ use crate::model::vit::Network;
 use crate::views::batch::{LoaderPlan, ViewBuilder, ViewLoader};
 use crate::viz::{plot_canvas, plot_panel, Panel, Series, SERIES};
 pub use config::TrainConfig;
-use step::{SplitAdamW, StepRunner, StepStats, Weights};
+use step::{NanFaults, SplitAdamW, StepRunner, StepStats, Weights};
 
 /// The k values of the kNN evaluation during training.
 pub const KNN_KS: [usize; 2] = [10, 20];
 
+/// Consecutive steps with a non-finite loss or gradient after which a run stops.
+pub const MAX_BAD_STEPS: u64 = 10;
+
 /// How to run (not part of the configuration: it does not change the result).
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    /// Continue from this checkpoint (a file, or a run directory holding
-    /// `checkpoint.safetensors`).
+    /// Continue from this checkpoint (a file, or a run directory: its newest checkpoint
+    /// that loads, see [`checkpoint::load_newest`]).
     pub resume: Option<PathBuf>,
     /// No progress bar and no text on stdout (the caller prints JSON).
     pub quiet: bool,
@@ -211,16 +220,27 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         steps_per_epoch,
         cfg.run.seed,
     );
+    if let Ok(spec) = std::env::var(NanFaults::ENV) {
+        runner.faults = NanFaults::parse(&spec, &net.table)?;
+    }
     let (t_g, k) = (runner.teacher_tokens(), net.head.out_dim);
+    let mut last_checkpoint: Option<(PathBuf, u64)> = None;
     let (mut w, start) = match &opts.resume {
         None => (runner.init_weights(), 0),
         Some(p) => {
-            let file = if p.is_dir() {
-                checkpoint_path(p)
-            } else {
-                p.clone()
-            };
-            let (s, _) = checkpoint::load(&file, &net.table, t_g, k)?;
+            let r = checkpoint::load_newest(p, &net.table, t_g, k)?;
+            for e in &r.skipped {
+                eprintln!("warning: skipping a damaged checkpoint: {e}");
+            }
+            if !opts.quiet || !r.skipped.is_empty() {
+                eprintln!(
+                    "resuming from {} at step {}",
+                    r.path.display(),
+                    r.state.step
+                );
+            }
+            let s = r.state;
+            last_checkpoint = Some((r.path, s.step));
             let split = runner.last_layer_offset();
             let steps = (s.adam_step, s.adam_step_last);
             let adam = SplitAdamW::from_state(s.exp_avg, s.exp_avg_sq, steps, split, &cfg.optim)?;
@@ -241,12 +261,20 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             format!("the checkpoint is at step {start}, past this run's last step {total}; raise --max-steps or --epochs"),
         ));
     }
-    fs::write(
-        out.join("config.toml"),
-        toml::to_string(cfg).unwrap_or_default(),
-    )
-    .map_err(|e| Error::io(&out, e))?;
+    let config_path = out.join("config.toml");
+    fs::write(&config_path, toml::to_string(cfg).unwrap_or_default()).map_err(|e| {
+        Error::bad_file(
+            &config_path,
+            format!(
+                "cannot write ({e}): make {} writable or choose another --out",
+                out.display()
+            ),
+        )
+    })?;
     let metrics_path = out.join("metrics.jsonl");
+    if start > 0 {
+        keep_metrics_before(&metrics_path, start)?;
+    }
     let metrics_file = if start == 0 {
         File::create(&metrics_path)
     } else {
@@ -313,6 +341,16 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     bar.set_position(start);
     let started = Instant::now();
     let (mut first_loss, mut last_loss, mut skipped, mut done) = (None, None, 0u64, 0u64);
+    let mut bad_streak = 0u64;
+    if start == total && opts.resume.is_some() {
+        // Nothing left to train, but the run directory may lack its last steps: a crash
+        // between writing the final step file and pointing checkpoint.safetensors at it.
+        let state = training_state(&w, t_g, total, steps_per_epoch);
+        let saved =
+            checkpoint::save_in_dir(&out, KEEP_CHECKPOINTS, &net.table, k, &state, &config_json)
+                .map_err(|e| write_failed(e, total, last_checkpoint.as_ref(), &out))?;
+        last_checkpoint = Some((saved.path, total));
+    }
     let mut losses: Vec<(f64, f64)> = Vec::new();
     while let Some(b) = loader.next_batch() {
         let b = b?;
@@ -325,20 +363,57 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         first_loss.get_or_insert(stats.loss);
         last_loss = Some(stats.loss);
         skipped += u64::from(stats.skipped);
-        if stats.skipped {
-            bar.println(format!(
-                "step {}: non-finite loss or gradient (loss {}, grad norm {}); step skipped, nothing updated",
-                stats.step, stats.loss, stats.grad_norm
-            ));
+        // What was non-finite: the loss, else the first tensor with a bad gradient.
+        let fault: Option<String> = stats.skipped.then(|| match &backend {
+            _ if !stats.loss.is_finite() => "loss".to_string(),
+            Backend::Cpu => runner.first_non_finite_grad().map_or_else(
+                || "gradient norm".to_string(),
+                |n| format!("gradient of {n}"),
+            ),
+            Backend::Gpu(_) => "gradient (the GPU step does not say which tensor)".to_string(),
+        });
+        if let Some(f) = &fault {
+            bad_streak += 1;
+            bar.suspend(|| {
+                eprintln!(
+                    "step {}: non-finite {f} (loss {}, grad norm {}); step skipped, nothing updated ({bad_streak} in a row, the run stops at {MAX_BAD_STEPS})",
+                    stats.step, stats.loss, stats.grad_norm
+                )
+            });
+        } else {
+            bad_streak = 0;
         }
         losses.push((stats.step as f64, f64::from(stats.loss)));
         let ips = (done * batch as u64) as f64 / started.elapsed().as_secs_f64();
         writeln!(
             metrics,
             "{}",
-            serde_json::json!({ "kind": "step", "stats": stats, "images_per_second": ips })
+            serde_json::json!({ "kind": "step", "stats": stats, "images_per_second": ips, "non_finite": fault })
         )
         .map_err(|e| Error::io(&metrics_path, e))?;
+        if bad_streak >= MAX_BAD_STEPS {
+            metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
+            bar.finish_and_clear();
+            let last = match &last_checkpoint {
+                Some((p, s)) => format!(
+                    "the last checkpoint, {} (step {s}), is intact and holds the weights before them",
+                    p.display()
+                ),
+                None => "no checkpoint was written".to_string(),
+            };
+            return Err(Error::bad_config(
+                "training",
+                format!(
+                    "steps {}..={} ({MAX_BAD_STEPS} in a row) had a non-finite loss or gradient (the last: {}); \
+                     the run stopped, {last}. Lower the learning rate (--lr) or optim.clip_grad, check the data, \
+                     then continue with --resume {}",
+                    stats.step + 1 - bad_streak,
+                    stats.step,
+                    fault.as_deref().unwrap_or("?"),
+                    out.display()
+                ),
+            ));
+        }
         bar.set_message(format!(
             "loss {:.4}  {:.0} img/s  epoch {}",
             stats.loss, ips, stats.epoch
@@ -367,19 +442,28 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 });
             }
             metrics.flush().map_err(|e| Error::io(&metrics_path, e))?;
-            let state = TrainingState {
-                student: w.student.clone(),
-                teacher: w.teacher.clone(),
-                exp_avg: w.adam.m(),
-                exp_avg_sq: w.adam.v(),
-                adam_step: w.adam.main.step,
-                adam_step_last: w.adam.last.step,
-                center: w.center.clone(),
-                center_rows: t_g,
-                step: next,
-                epoch: next / steps_per_epoch,
-            };
-            checkpoint::save(&ckpt_path, &net.table, k, &state, &config_json)?;
+            if bad_streak > 0 && next != total {
+                // The weights are the last good step's, but a streak that goes on to stop
+                // the run must not rotate the good checkpoints out.
+                bar.suspend(|| {
+                    eprintln!(
+                        "step {}: end of epoch, no checkpoint written while non-finite steps go on ({bad_streak} in a row)",
+                        stats.step
+                    )
+                });
+                continue;
+            }
+            let state = training_state(&w, t_g, next, steps_per_epoch);
+            let saved = checkpoint::save_in_dir(
+                &out,
+                KEEP_CHECKPOINTS,
+                &net.table,
+                k,
+                &state,
+                &config_json,
+            )
+            .map_err(|e| write_failed(e, next, last_checkpoint.as_ref(), &out))?;
+            last_checkpoint = Some((saved.path, next));
         }
     }
     bar.finish_and_clear();
@@ -439,6 +523,71 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         teacher: w.teacher,
         student: w.student,
     })
+}
+
+/// What a checkpoint of `w` after `step` steps holds.
+fn training_state(w: &Weights, t_g: usize, step: u64, steps_per_epoch: u64) -> TrainingState {
+    TrainingState {
+        student: w.student.clone(),
+        teacher: w.teacher.clone(),
+        exp_avg: w.adam.m(),
+        exp_avg_sq: w.adam.v(),
+        adam_step: w.adam.main.step,
+        adam_step_last: w.adam.last.step,
+        center: w.center.clone(),
+        center_rows: t_g,
+        step,
+        epoch: step / steps_per_epoch,
+    }
+}
+
+/// The error of a checkpoint write that failed (disk full, read-only folder): the file
+/// and the OS error, what is left, and the fix.
+fn write_failed(e: Error, step: u64, previous: Option<&(PathBuf, u64)>, out: &Path) -> Error {
+    let left = match previous {
+        Some((p, s)) => format!(
+            "the previous checkpoint {} (step {s}) is intact",
+            p.display()
+        ),
+        None => "no earlier checkpoint exists".to_string(),
+    };
+    match e {
+        Error::Io { path, err } => Error::bad_file(
+            path,
+            format!(
+                "cannot write the checkpoint of step {step} ({err}); the run stopped, {left}. \
+                 Free disk space or make {} writable, then continue with --resume {}",
+                out.display(),
+                out.display()
+            ),
+        ),
+        other => other,
+    }
+}
+
+/// Drops the lines of `metrics.jsonl` at `path` from step `start` on (and any torn last
+/// line), so a resumed run does not log the steps it replays twice.
+fn keep_metrics_before(path: &Path, start: u64) -> Result<()> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let step = v["stats"]["step"].as_u64().or_else(|| {
+            // A kNN line's `step` counts the steps done before it.
+            v["step"].as_u64().map(|s| s.saturating_sub(1))
+        });
+        if step.is_some_and(|s| s < start) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    checkpoint::write_atomic(path, kept.as_bytes())
 }
 
 /// `k=10 71.2%, k=20 72.0%`.

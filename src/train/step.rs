@@ -6,6 +6,7 @@
 //! changes nothing (no parameter, moment, center or EMA update) and says so.
 
 use crate::loss::{pwself_loss, update_center, LossConfig, LossKind, StudentLayout, TeacherLogits};
+use crate::model::params::ParamTable;
 use crate::model::vit::{BackboneActs, DropPath, HeadActs, Network};
 use crate::optim::{
     cancel_last_layer_grads, clip_global_norm, clip_per_tensor, ema_update, has_non_finite,
@@ -140,6 +141,76 @@ pub struct StepRunner {
     t_head: HeadActs,
     s_acts: [BackboneActs; 2],
     s_head: HeadActs,
+    /// Test-only NaN injection (see [`NanFaults`]); empty in normal runs.
+    pub faults: NanFaults,
+}
+
+/// Where [`NanFaults`] puts a NaN.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NanTarget {
+    /// The step's loss.
+    Loss,
+    /// The first gradient element of the tensor at this flat-buffer offset.
+    Gradient(usize),
+}
+
+/// Test hook: steps whose loss or gradient is made NaN, to exercise the skip and abort
+/// logic. Set from `PWSELF_TEST_NAN_STEPS` (test-only; read once at the start of a run):
+/// a comma-separated list of `STEP` (NaN in the gradient of the middle tensor of the
+/// parameter table), `STEP:loss` or `STEP:TENSOR` (NaN in that tensor's gradient).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NanFaults {
+    steps: Vec<(u64, NanTarget)>,
+}
+
+impl NanFaults {
+    /// The environment variable that sets the faults.
+    pub const ENV: &'static str = "PWSELF_TEST_NAN_STEPS";
+
+    /// Parses a `PWSELF_TEST_NAN_STEPS` value against `table`'s tensor names.
+    pub fn parse(spec: &str, table: &ParamTable) -> crate::Result<NanFaults> {
+        let bad = |reason: String| crate::Error::bad_config(Self::ENV, reason);
+        let mut steps = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (step, target) = match item.split_once(':') {
+                Some((s, t)) => (s, Some(t)),
+                None => (item, None),
+            };
+            let step: u64 = step.parse().map_err(|_| {
+                bad(format!(
+                    "`{item}`: the step is not a number; write e.g. `3,4:loss,5:norm.weight`"
+                ))
+            })?;
+            let tensors = table.tensors();
+            if tensors.is_empty() {
+                return Err(bad("the network has no parameters to fault".into()));
+            }
+            let target = match target {
+                Some("loss") => NanTarget::Loss,
+                Some(name) => NanTarget::Gradient(
+                    table
+                        .get(name)
+                        .ok_or_else(|| bad(format!("`{item}`: no tensor `{name}`; write `loss` or a parameter name such as `{}`", tensors[0].name)))?
+                        .offset,
+                ),
+                None => NanTarget::Gradient(tensors[tensors.len() / 2].offset),
+            };
+            steps.push((step, target));
+        }
+        Ok(NanFaults { steps })
+    }
+
+    /// Whether no step is faulted.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    fn at(&self, step: u64) -> impl Iterator<Item = &NanTarget> {
+        self.steps
+            .iter()
+            .filter(move |(s, _)| *s == step)
+            .map(|(_, t)| t)
+    }
 }
 
 impl StepRunner {
@@ -168,6 +239,7 @@ impl StepRunner {
             t_head: HeadActs::default(),
             s_acts: [BackboneActs::default(), BackboneActs::default()],
             s_head: HeadActs::default(),
+            faults: NanFaults::default(),
         }
     }
 
@@ -335,6 +407,17 @@ impl StepRunner {
         &self.grads
     }
 
+    /// The name of the first tensor (in the table's order) whose gradient from the last
+    /// step holds a NaN or an infinity.
+    pub fn first_non_finite_grad(&self) -> Option<&str> {
+        self.net
+            .table
+            .tensors()
+            .iter()
+            .find(|t| self.grads[t.range()].iter().any(|g| !g.is_finite()))
+            .map(|t| t.name.as_str())
+    }
+
     /// One training step on `batch` (its index is the step number).
     pub fn step(&mut self, w: &mut Weights, batch: &ViewBatch) -> StepStats {
         let mut stats = self.forward_backward(w, batch);
@@ -354,6 +437,12 @@ impl StepRunner {
             epoch as usize,
             self.optim.freeze_last_layer,
         );
+        for target in self.faults.at(stats.step) {
+            match *target {
+                NanTarget::Loss => stats.loss = f32::NAN,
+                NanTarget::Gradient(at) => self.grads[at] = f32::NAN,
+            }
+        }
         stats.grad_norm = l2_norm(&self.grads);
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() || has_non_finite(&self.grads) {
             stats.skipped = true;
@@ -420,5 +509,26 @@ mod tests {
         assert_eq!((opt.main.step, opt.last.step), (2, 1));
         assert!(p[5..].iter().all(|&x| (x - 0.95).abs() < 1e-7));
         assert_eq!(opt.m().len(), 8);
+    }
+
+    #[test]
+    fn nan_fault_specs_parse_or_name_what_is_wrong() {
+        let mut t = ParamTable::new();
+        t.push("a", &[2]);
+        t.push("b", &[3]);
+        t.push("c", &[4]);
+        let f = NanFaults::parse("3, 4:loss,5:c", &t).unwrap();
+        let (b, c) = (t.info("b").offset, t.info("c").offset);
+        assert_eq!(f.at(3).collect::<Vec<_>>(), [&NanTarget::Gradient(b)]);
+        assert_eq!(f.at(4).collect::<Vec<_>>(), [&NanTarget::Loss]);
+        assert_eq!(f.at(5).collect::<Vec<_>>(), [&NanTarget::Gradient(c)]);
+        assert_eq!(f.at(6).count(), 0);
+        let e = NanFaults::parse("3:nope", &t).unwrap_err().to_string();
+        assert!(
+            e.contains("PWSELF_TEST_NAN_STEPS") && e.contains("nope"),
+            "{e}"
+        );
+        let e = NanFaults::parse("x", &t).unwrap_err().to_string();
+        assert!(e.contains("not a number"), "{e}");
     }
 }
