@@ -862,6 +862,32 @@ fn a_trained_checkpoint_is_scored_by_every_protocol() {
     let mut cfg_json: Value = serde_json::from_str(&meta["config"]).unwrap();
     cfg_json["model"]["embed_dim"] = json!(192);
     meta.insert("config".into(), cfg_json.to_string());
+    // With its checksum kept, the edited file is refused as damaged.
+    let tampered = d.join("tampered.safetensors");
+    let tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().collect();
+    std::fs::write(
+        &tampered,
+        safetensors::serialize(tensors, Some(meta.clone())).unwrap(),
+    )
+    .unwrap();
+    refused(
+        &[
+            "eval",
+            "knn",
+            "--checkpoint",
+            s(&tampered),
+            "--train",
+            s(&train),
+            "--test",
+            s(&test),
+        ],
+        &["tampered.safetensors", "checksum mismatch"],
+    );
+    // Written as a format-1 file (no checksum), so that the architecture check, not the
+    // checksum, is what refuses it.
+    meta.remove("checksum");
+    meta.insert("format_version".into(), "1".into());
     let tensors: Vec<(String, safetensors::tensor::TensorView)> =
         st.tensors().into_iter().collect();
     std::fs::write(&other, safetensors::serialize(tensors, Some(meta)).unwrap()).unwrap();
