@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod interop;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -63,6 +63,10 @@ enum Command {
     /// (from a checkpoint and packs, or from precomputed .npy features).
     #[command(subcommand)]
     Eval(eval_cmd::EvalCommand),
+    /// Write a checkpoint's teacher (or student) backbone as a timm ViT state dict
+    /// (safetensors, timm's key names, no head) and print the Python that loads it
+    /// (docs/interop.md). The reverse is `train --init FILE`.
+    Export(ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -149,6 +153,10 @@ struct TrainArgs {
     /// Continue from a checkpoint file or run directory.
     #[arg(long, value_name = "PATH")]
     resume: Option<PathBuf>,
+    /// Initialise the student and teacher backbones from a timm ViT state dict
+    /// (safetensors; `model.init`); the DINO head starts fresh (docs/interop.md).
+    #[arg(long, value_name = "FILE")]
+    init: Option<PathBuf>,
     /// Print a JSON summary on stdout at the end (no progress bar).
     #[arg(long)]
     json: bool,
@@ -242,6 +250,7 @@ fn main() {
         Command::Bench(args) => gpu_cmd::bench_cmd(&args),
         Command::Kernels => gpu_cmd::kernels(),
         Command::Eval(cmd) => eval_cmd::run(&cmd),
+        Command::Export(args) => export(&args),
         Command::Viz(VizCommand::Attention(args)) => eval_cmd::viz_attention(&args),
         Command::Viz(VizCommand::Neighbours(args)) => eval_cmd::viz_neighbours(&args),
     };
@@ -356,6 +365,9 @@ fn train(args: &TrainArgs) -> Result<()> {
     }
     if let Some(o) = &args.out {
         cfg.run.out.clone_from(o);
+    }
+    if args.init.is_some() {
+        cfg.model.init.clone_from(&args.init);
     }
     let own = dino_flags::OwnFlags {
         patch: args.patch,
@@ -678,5 +690,127 @@ fn viz_matches(args: &VizMatchesArgs) -> Result<()> {
         batch.crops[pair.student_view].to_arg(),
         pair.matches.len()
     );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Checkpoint written by `pwself-engine train` (a file or its run directory).
+    #[arg(long, value_name = "PATH")]
+    checkpoint: PathBuf,
+    /// The safetensors file to write (timm's key names only).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Which backbone: the EMA teacher (DINO's released weights) or the student.
+    #[arg(long, value_enum, default_value_t = pwself_engine::interop::Which::Teacher)]
+    which: pwself_engine::interop::Which,
+    /// Also write probe_input.npy (the first N images of --pack exactly as the model sees
+    /// them, (N, C, S, S) float32) and probe_cls.npy (the engine's final-norm CLS, (N, D)).
+    #[arg(long, value_name = "N")]
+    probe_input: Option<usize>,
+    /// The pack of --probe-input (default: the checkpoint's training pack).
+    #[arg(long, value_name = "PACK")]
+    pack: Option<PathBuf>,
+    /// Folder of the probe files (default: --out's folder).
+    #[arg(long, value_name = "DIR")]
+    probe_dir: Option<PathBuf>,
+}
+
+/// `export`: the backbone as a timm state dict, optionally with a probe input and the
+/// engine's CLS features of it.
+fn export(a: &ExportArgs) -> Result<()> {
+    use pwself_engine::eval::features::Extractor;
+    use pwself_engine::eval::npy;
+    use pwself_engine::interop;
+
+    let b = interop::read_checkpoint(&a.checkpoint, a.which)?;
+    let spec = interop::TimmSpec::of(&b.net.vit);
+    let mut extra = vec![
+        ("source", b.path.display().to_string()),
+        ("which", a.which.name().to_string()),
+    ];
+    if let Some(step) = b.step {
+        extra.push(("step", step.to_string()));
+    }
+    let bytes = interop::encode_backbone(&a.out, &b.net, &b.params, &extra)?;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out: cannot create the folder {}", dir.display()))?;
+    }
+    pwself_engine::checkpoint::write_atomic(&a.out, &bytes)?;
+    let n_tensors = b
+        .net
+        .table
+        .tensors()
+        .iter()
+        .filter(|t| interop::is_backbone(t))
+        .count();
+    let n_params: usize = b
+        .net
+        .table
+        .tensors()
+        .iter()
+        .filter(|t| interop::is_backbone(t))
+        .map(|t| t.len())
+        .sum();
+    println!(
+        "wrote {}: the {} backbone of {}{} ({n_tensors} tensors, {n_params} parameters), timm model {}",
+        a.out.display(),
+        a.which.name(),
+        b.path.display(),
+        b.step.map(|s| format!(" at step {s}")).unwrap_or_default(),
+        spec.model_name.as_deref().unwrap_or("custom (VisionTransformer with the sizes below)")
+    );
+    if let Some(n) = a.probe_input {
+        if n == 0 {
+            bail!("--probe-input: is 0; pass the number of images to probe (e.g. 8)");
+        }
+        let pack = match a.pack.as_ref().or(b.config.data.train.as_ref()) {
+            Some(p) => pwself_engine::data::Pack::open(p)?,
+            None => pwself_engine::data::default_pack(pwself_engine::data::Split::Train)?,
+        };
+        if n > pack.len() {
+            bail!(
+                "--probe-input: {n} images asked for, but {} holds {}; pass at most {}",
+                pack.origin().display(),
+                pack.len(),
+                pack.len()
+            );
+        }
+        let side = spec.img_size;
+        let c = b.net.vit.in_chans;
+        let ex = Extractor::from_parts(b.net.clone(), b.params.clone(), side)?;
+        let mut x = Vec::with_capacity(n * c * side * side);
+        for i in 0..n {
+            x.extend(ex.pack_input(&pack, i)?);
+        }
+        let cls = interop::cls_features(&b.net, &b.params, &x, n, side);
+        let dir = match &a.probe_dir {
+            Some(d) => d.clone(),
+            None => a
+                .out
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), PathBuf::from),
+        };
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("--probe-dir: cannot create {}", dir.display()))?;
+        let input_path = dir.join("probe_input.npy");
+        let payload: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let dict = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {c}, {side}, {side}), }}"
+        );
+        npy::write_bytes(&input_path, &npy::raw_npy_bytes(&dict, &payload))?;
+        let cls_path = dir.join("probe_cls.npy");
+        npy::write_matrix(&cls_path, &cls, n, b.net.vit.embed_dim)?;
+        println!(
+            "wrote {} ({n}, {c}, {side}, {side}) from {} and {} ({n}, {}): the engine's final-norm CLS",
+            input_path.display(),
+            pack.origin().display(),
+            cls_path.display(),
+            b.net.vit.embed_dim
+        );
+    }
+    println!("\nload it in Python:\n\n{}", spec.python_snippet(&a.out));
     Ok(())
 }

@@ -56,6 +56,11 @@ pub struct ModelSection {
     pub heads: Option<usize>,
     /// Largest stochastic-depth rate of the student (the paper: 0.1).
     pub drop_path: f32,
+    /// Initialise the student and teacher backbones from this timm ViT state dict
+    /// (safetensors, timm's key names; `train --init`); the DINO head starts fresh.
+    /// Ignored when resuming. See docs/interop.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -67,6 +72,7 @@ impl Default for ModelSection {
             depth: None,
             heads: None,
             drop_path: 0.1,
+            init: None,
         }
     }
 }

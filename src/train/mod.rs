@@ -226,9 +226,26 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let (t_g, k) = (runner.teacher_tokens(), net.head.out_dim);
     let mut last_checkpoint: Option<(PathBuf, u64)> = None;
     let (mut w, start) = match &opts.resume {
-        None => (runner.init_weights(), 0),
+        None => {
+            let mut w = runner.init_weights();
+            if let Some(init) = &cfg.model.init {
+                let notes =
+                    crate::interop::init_from_timm(init, &net, &mut w.student, &mut w.teacher)?;
+                if !opts.quiet {
+                    eprintln!("initialised the backbone from {}", init.display());
+                    notes.iter().for_each(|n| eprintln!("note: {n}"));
+                }
+            }
+            (w, 0)
+        }
         Some(p) => {
             let r = checkpoint::load_newest(p, &net.table, t_g, k)?;
+            if let (Some(init), false) = (&cfg.model.init, opts.quiet) {
+                eprintln!(
+                    "note: model.init ({}) is not read: the checkpoint holds the weights",
+                    init.display()
+                );
+            }
             for e in &r.skipped {
                 eprintln!("warning: skipping a damaged checkpoint: {e}");
             }
