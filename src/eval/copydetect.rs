@@ -696,7 +696,7 @@ mod tests {
     /// [`Whitening::learn`]'s docs): `cargo test --release --lib jacobi_timing --
     /// --ignored --nocapture`. Checks the trace so the run is also a correctness test.
     #[test]
-    #[ignore]
+    #[ignore = "timing: seconds at dim 384, ~30 s at 768 in release; run by hand for the docs' numbers"]
     fn jacobi_timing() {
         for n in [384usize, 768] {
             let mut rng = Rng(12345);
