@@ -64,6 +64,10 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 slug=$(echo "${card:-unknown}" | tr ' ' '-' | tr -cd 'A-Za-z0-9-' | sed 's/^NVIDIA-//')
 report="$dir/$(date -u +%Y-%m-%d)-gpu-check-${slug:-unknown}.md"
 log="$dir/gpu-check.log"
+# Bulky outputs (packs, run folders, per-run JSON) go to a scratch folder, so that $OUT holds
+# only the report, the log and a few JSON files (the device tool returns at most 8 files).
+work=${GPU_WORK:-$(mktemp -d /tmp/pwself-gpu.XXXXXX)}
+mkdir -p "$work"
 
 {
     echo "# GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), ${card:-no card found}"
@@ -103,7 +107,7 @@ if want kernels; then
     echo "exit status: $check_rc" >> "$report"
 
     section "bench --device cuda"
-    timeout 150 "$bin" bench --device cuda --iters 20 --out "$dir/bench-table.md" 2>>"$log" >/dev/null
+    timeout "${BENCH_TIMEOUT:-80}" "$bin" bench --device cuda --iters 10 --out "$dir/bench-table.md" 2>>"$log" >/dev/null
     bench_rc=$?
     if [ -f "$dir/bench-table.md" ]; then cat "$dir/bench-table.md" >> "$report"; rm -f "$dir/bench-table.md"; fi
     echo "exit status: $bench_rc" >> "$report"
@@ -114,7 +118,7 @@ fi
 
 if want step; then
     section "bench --step (whole training steps)"
-    timeout 200 "$bin" bench --step --profile --iters 10 --out "$dir/step-table.md" --json \
+    timeout "${STEP_TIMEOUT:-170}" "$bin" bench --step --profile --iters 10 --out "$dir/step-table.md" --json \
         > "$dir/step-bench.json" 2>>"$log"
     step_rc=$?
     if [ -f "$dir/step-table.md" ]; then cat "$dir/step-table.md" >> "$report"; rm -f "$dir/step-table.md"; fi
@@ -125,11 +129,12 @@ fi
 if want peer; then
     pb=${PEER_BATCH:-64}
     section "ViT-S/16 side by side at batch $pb: this engine, PyTorch eager, PyTorch compile"
-    timeout 120 "$bin" bench --step --arch small --batch "$pb" --iters 10 --json \
+    timeout 90 "$bin" bench --step --arch small --batch "$pb" --iters 10 --json \
         > "$dir/peer-engine.json" 2>>"$log"
     peer_rc=$?
     for variant in eager compile; do
-        timeout 150 scripts/torch-peer.sh --device cuda --variant "$variant" --arch small \
+        [ "$variant" = eager ] && t=100 || t=150
+        timeout "$t" scripts/torch-peer.sh --device cuda --variant "$variant" --arch small \
             --batch "$pb" --steps 10 --warmup 3 --strict --json > "$dir/peer-torch-$variant.json" 2>>"$log"
         rc=$?
         [ "$rc" -ne 0 ] && peer_rc=$rc
@@ -168,17 +173,17 @@ if want train; then
     src=data/fashion-mnist
     if [ -f "$src/train-images-idx3-ubyte.gz" ]; then
         "$bin" prepare idx --images "$src/train-images-idx3-ubyte.gz" --labels "$src/train-labels-idx1-ubyte.gz" \
-            --classes fashion-mnist --out "$dir/fmnist-train.pwpack" >>"$log" 2>&1
+            --classes fashion-mnist --out "$work/fmnist-train.pwpack" >>"$log" 2>&1
         "$bin" prepare idx --images "$src/t10k-images-idx3-ubyte.gz" --labels "$src/t10k-labels-idx1-ubyte.gz" \
-            --classes fashion-mnist --out "$dir/fmnist-test.pwpack" >>"$log" 2>&1
-        packs=(--data "$dir/fmnist-train.pwpack" --test-data "$dir/fmnist-test.pwpack")
+            --classes fashion-mnist --out "$work/fmnist-test.pwpack" >>"$log" 2>&1
+        packs=(--data "$work/fmnist-train.pwpack" --test-data "$work/fmnist-test.pwpack")
         # The same 20 steps on both backends: the loss curves must agree within bf16 tolerance.
         for dev in cuda cpu; do
-            timeout 120 "$bin" train "${packs[@]}" --device "$dev" --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
-                --max-steps 20 --eval-every 0 --out "$dir/train-compare-$dev" --json \
-                > "$dir/train-compare-$dev.json" 2>>"$log"
+            timeout 90 "$bin" train "${packs[@]}" --device "$dev" --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
+                --max-steps 20 --eval-every 0 --out "$work/train-compare-$dev" --json \
+                > "$work/train-compare-$dev.json" 2>>"$log"
         done
-        python3 - "$dir" >> "$report" <<'PY'
+        python3 - "$work" >> "$report" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 def losses(dev):
@@ -199,15 +204,15 @@ for i, (a, b) in enumerate(zip(c, g)):
     print(f"| {i} | {a:.5f} | {b:.5f} | {r:.2e} |")
 print(f"\nlargest relative difference: {worst:.2e} over {min(len(c), len(g))} steps")
 PY
-        timeout 300 "$bin" train "${packs[@]}" --device cuda --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
-            --out "$dir/train-small28" --json > "$dir/train-small28.json" 2>>"$log"
+        timeout 200 "$bin" train "${packs[@]}" --device cuda --batch 256 --epochs "${TRAIN_EPOCHS:-2}" \
+            --out "$work/train-small28" --json > "$work/train-small28.json" 2>>"$log"
         train_rc=$?
-        timeout 240 "$bin" train "${packs[@]}" --device cuda --arch tiny --patch 16 --view-sides 224,96 --local-views 8 \
+        timeout 150 "$bin" train "${packs[@]}" --device cuda --arch tiny --patch 16 --view-sides 224,96 --local-views 8 \
             --batch 64 --epochs 1 --max-steps "${TRAIN_STEPS_224:-200}" \
-            --out "$dir/train-224" --json > "$dir/train-224.json" 2>>"$log"
+            --out "$work/train-224" --json > "$work/train-224.json" 2>>"$log"
         rc=$?
         [ "$rc" -ne 0 ] && train_rc=$rc
-        python3 - "$dir" >> "$report" <<'PY'
+        python3 - "$work" >> "$report" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 for name in ("train-small28", "train-224"):
