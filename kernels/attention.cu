@@ -501,3 +501,378 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attent
     const float* __restrict__ lse, const float* __restrict__ dvec, int n, int heads, float scale) {
     backward_dkv_block<64>(dqkv, dout, qkv, lse, dvec, n, heads, scale);
 }
+
+// =========================================================================================
+// Tensor-core versions (the default; `PWSELF_ATTENTION=simt` selects the kernels above).
+//
+// The same contract, grid and outputs as the CUDA-core kernels (one block of 4 warps per
+// 64-row tile of an (image, head) pair; dQ before dK/dV; no atomics, fixed summation
+// order), with the products on the tensor cores (mma_16816, common.cuh). Each warp owns 16
+// of the block's 64 rows, and keeps its own operands (Q and dO in the forward and dQ
+// kernels, K and V in the dK/dV kernel) in registers as A fragments for the whole block; the
+// streamed rows go through shared memory as bf16, rows padded by 8 elements so that the
+// fragment loads of a warp fall in 32 different banks. A score tile's fp32 accumulators are
+// exactly the A fragments of the next product once packed to bf16 (the FlashAttention-2
+// layout), so P and dS never touch shared memory.
+//
+// Numerics: the probabilities P and dS are rounded to bf16 before their products (dV = P^T
+// dO, dQ = dS K, dK = dS^T Q, O = P V), as FlashAttention does; the softmax statistics, the
+// row sums and every accumulator stay fp32. check-kernels measures the effect against the
+// fp32 CPU twin.
+
+#define TC_PAD 8         // bf16 padding of a shared row
+#define TC_FWD_KEYS 64   // keys per streamed tile, forward
+#define TC_BWD_STREAM 32 // streamed rows per tile, backward
+
+// rows [0, ROWS) of a (., HD) bf16 matrix with row stride `stride` into shared memory (row
+// stride HD + TC_PAD), 16 bytes per thread per step; rows >= valid are zero.
+template <int HD, int ROWS>
+static __device__ __forceinline__ void tc_load_rows(bf16* dst, const bf16* src, long long stride, int valid) {
+    constexpr int CHUNKS = HD / 8, RS = HD + TC_PAD;
+    for (int c = threadIdx.x; c < ROWS * CHUNKS; c += ATT_THREADS) {
+        const int r = c / CHUNKS;
+        const int e = (c % CHUNKS) * 8;
+        uint4 raw = make_uint4(0u, 0u, 0u, 0u);
+        if (r < valid) raw = *reinterpret_cast<const uint4*>(src + r * stride + e);
+        *reinterpret_cast<uint4*>(dst + r * RS + e) = raw;
+    }
+}
+
+// Two consecutive bf16 (an even column) as one register.
+static __device__ __forceinline__ uint32_t ld_pair(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Elements p[0] and p[step] as one register (a column pair of two rows: the transposed operand).
+static __device__ __forceinline__ uint32_t ld_cross(const bf16* p, int step) {
+    return (uint32_t)__bfloat16_as_ushort(p[0]) | ((uint32_t)__bfloat16_as_ushort(p[step]) << 16);
+}
+
+// A fragments of the 16 rows r0.. of a (., HD) bf16 matrix in global memory (row stride
+// `stride`), for k-steps over the head dim; rows >= n are zero.
+template <int HD>
+static __device__ __forceinline__ void tc_row_frags(uint32_t (&a)[HD / 16][4], const bf16* base, long long stride,
+                                                    int r0, int n) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int ra = r0 + g, rb = r0 + g + 8;
+    const bf16* pa = base + (long long)ra * stride + 2 * t;
+    const bf16* pb = base + (long long)rb * stride + 2 * t;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        a[kk][0] = ra < n ? ld_pair(pa + 16 * kk) : 0u;
+        a[kk][1] = rb < n ? ld_pair(pb + 16 * kk) : 0u;
+        a[kk][2] = ra < n ? ld_pair(pa + 16 * kk + 8) : 0u;
+        a[kk][3] = rb < n ? ld_pair(pb + 16 * kk + 8) : 0u;
+    }
+}
+
+// acc[j] = A (16 x HD, fragments a) times rows 8j.. of a shared tile (NT rows, HD columns)
+// transposed: the 16 x NT product of the warp's rows with the tile's rows.
+template <int HD, int NT>
+static __device__ __forceinline__ void tc_dot_rows(float (&acc)[NT / 8][4], const uint32_t (&a)[HD / 16][4],
+                                                   const bf16* tile) {
+    constexpr int RS = HD + TC_PAD;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < NT / 8; j++) {
+        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        const bf16* row = tile + (j * 8 + g) * RS + 2 * t;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            const uint32_t b[2] = {ld_pair(row + 16 * kk), ld_pair(row + 16 * kk + 8)};
+            mma_16816(acc[j], a[kk], b);
+        }
+    }
+}
+
+// acc (16 x HD) += W (16 x NT, fp32 accumulators in the C layout, rounded to bf16 here)
+// times a shared tile (NT rows, HD columns).
+template <int HD, int NT>
+static __device__ __forceinline__ void tc_acc_rows(float (&acc)[HD / 8][4], const float (&w)[NT / 8][4],
+                                                   const bf16* tile) {
+    constexpr int RS = HD + TC_PAD;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < NT / 16; kk++) {
+        const uint32_t a[4] = {pack_bf16x2(w[2 * kk][0], w[2 * kk][1]), pack_bf16x2(w[2 * kk][2], w[2 * kk][3]),
+                               pack_bf16x2(w[2 * kk + 1][0], w[2 * kk + 1][1]),
+                               pack_bf16x2(w[2 * kk + 1][2], w[2 * kk + 1][3])};
+        const bf16* col = tile + (kk * 16 + 2 * t) * RS + g;
+#pragma unroll
+        for (int jd = 0; jd < HD / 8; jd++) {
+            const uint32_t b[2] = {ld_cross(col + jd * 8, RS), ld_cross(col + jd * 8 + 8 * RS, RS)};
+            mma_16816(acc[jd], a, b);
+        }
+    }
+}
+
+// Writes the warp's rows r0 + g and r0 + g + 8 (< n) of a 16 x HD accumulator, times `mul`,
+// as bf16 into a (., .) matrix at `base` (the head's column 0 of row 0), row stride `stride`.
+template <int HD>
+static __device__ __forceinline__ void tc_store_rows(bf16* base, long long stride, const float (&acc)[HD / 8][4],
+                                                     const float (&mul)[2], int r0, int n) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = r0 + g + 8 * r;
+        if (row < n) {
+            bf16* p = base + (long long)row * stride + 2 * t;
+#pragma unroll
+            for (int jd = 0; jd < HD / 8; jd++)
+                *reinterpret_cast<uint32_t*>(p + jd * 8) = pack_bf16x2(acc[jd][2 * r] * mul[r], acc[jd][2 * r + 1] * mul[r]);
+        }
+    }
+}
+
+// The max and the sum over the 4 lanes of a quad (one accumulator row's 8 columns per n-tile).
+static __device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+static __device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int HD>
+static __device__ __forceinline__ void forward_tc_block(bf16* __restrict__ out, float* __restrict__ lse,
+                                                        const bf16* __restrict__ qkv, int n, int heads,
+                                                        float scale) {
+    constexpr int NT = TC_FWD_KEYS, RS = HD + TC_PAD;
+    __align__(16) __shared__ bf16 ks[NT * RS];
+    __align__(16) __shared__ bf16 vs[NT * RS];
+    const Tile tl = tile_of(n, heads);
+    const int d = heads * HD;
+    const long long stride = 3LL * d;
+    const bf16* head = qkv + (long long)tl.b * n * stride + (long long)tl.h * HD;
+    const int lane = threadIdx.x & 31, t = lane & 3;
+    const int r0 = tl.row0 + (threadIdx.x >> 5) * 16;
+    const float scale_log2 = scale * ATT_LOG2E;
+
+    uint32_t qa[HD / 16][4];
+    tc_row_frags<HD>(qa, head, stride, r0, n);
+    float o[HD / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int jd = 0; jd < HD / 8; jd++) o[jd][0] = o[jd][1] = o[jd][2] = o[jd][3] = 0.0f;
+    for (int k0 = 0; k0 < n; k0 += NT) {
+        __syncthreads();  // the previous tile's readers are done
+        tc_load_rows<HD, NT>(ks, head + d + k0 * stride, stride, n - k0);
+        tc_load_rows<HD, NT>(vs, head + 2 * d + k0 * stride, stride, n - k0);
+        __syncthreads();
+        float s[NT / 8][4];
+        tc_dot_rows<HD, NT>(s, qa, ks);
+        // Online softmax in base 2; keys past N weigh 0 (the tile holds key k0 < N, so the
+        // row max is finite).
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + j * 8 + 2 * t + (e & 1);
+                s[j][e] = key < n ? s[j][e] * scale_log2 : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));
+            const float alpha = exp2f(m[r] - m_new);  // 0 on the first tile
+            m[r] = m_new;
+            l[r] *= alpha;
+#pragma unroll
+            for (int jd = 0; jd < HD / 8; jd++) {
+                o[jd][2 * r] *= alpha;
+                o[jd][2 * r + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[j][e] = exp2f(s[j][e] - m[e >> 1]);
+                l[e >> 1] += s[j][e];
+            }
+        tc_acc_rows<HD, NT>(o, s, vs);
+    }
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = 1.0f / l[r];
+    }
+    tc_store_rows<HD>(out + (long long)tl.b * n * d + (long long)tl.h * HD, d, o, inv, r0, n);
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int row = r0 + (lane >> 2) + 8 * r;
+            if (row < n) lse[(long long)tl.bh * n + row] = (m[r] + log2f(l[r])) * ATT_LN2;
+        }
+    }
+}
+
+template <int HD>
+static __device__ __forceinline__ void backward_dq_tc_block(bf16* __restrict__ dqkv, float* __restrict__ dvec,
+                                                            const bf16* __restrict__ dout,
+                                                            const bf16* __restrict__ qkv,
+                                                            const bf16* __restrict__ out,
+                                                            const float* __restrict__ lse, int n, int heads,
+                                                            float scale) {
+    constexpr int NT = TC_BWD_STREAM, RS = HD + TC_PAD;
+    __align__(16) __shared__ bf16 ks[NT * RS];
+    __align__(16) __shared__ bf16 vs[NT * RS];
+    const Tile tl = tile_of(n, heads);
+    const int d = heads * HD;
+    const long long stride = 3LL * d;
+    const bf16* head = qkv + (long long)tl.b * n * stride + (long long)tl.h * HD;
+    const bf16* dout_head = dout + (long long)tl.b * n * d + (long long)tl.h * HD;
+    const bf16* out_head = out + (long long)tl.b * n * d + (long long)tl.h * HD;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = tl.row0 + (threadIdx.x >> 5) * 16;
+    const float scale_log2 = scale * ATT_LOG2E;
+
+    uint32_t qa[HD / 16][4], da[HD / 16][4], oa[HD / 16][4];
+    tc_row_frags<HD>(qa, head, stride, r0, n);
+    tc_row_frags<HD>(da, dout_head, d, r0, n);
+    tc_row_frags<HD>(oa, out_head, d, r0, n);
+    // D_i = dO_i . O_i: each lane holds HD / 4 columns of rows g and g + 8 (fragments 0, 2 and
+    // 1, 3), the quad the rest. lse in base 2. Rows past N: 0 for both.
+    float dd[2] = {0.0f, 0.0f}, lse2[2];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++)
+#pragma unroll
+        for (int f = 0; f < 4; f++) {
+            const uint32_t x = da[kk][f], y = oa[kk][f];
+            dd[f & 1] += __uint_as_float(x << 16) * __uint_as_float(y << 16) +
+                         __uint_as_float(x & 0xffff0000u) * __uint_as_float(y & 0xffff0000u);
+        }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = r0 + g + 8 * r;
+        dd[r] = quad_sum(dd[r]);
+        lse2[r] = row < n ? lse[(long long)tl.bh * n + row] * ATT_LOG2E : 0.0f;
+        if (row < n && t == 0) dvec[(long long)tl.bh * n + row] = dd[r];
+    }
+
+    float acc[HD / 8][4];
+#pragma unroll
+    for (int jd = 0; jd < HD / 8; jd++) acc[jd][0] = acc[jd][1] = acc[jd][2] = acc[jd][3] = 0.0f;
+    for (int k0 = 0; k0 < n; k0 += NT) {
+        __syncthreads();
+        tc_load_rows<HD, NT>(ks, head + d + k0 * stride, stride, n - k0);
+        tc_load_rows<HD, NT>(vs, head + 2 * d + k0 * stride, stride, n - k0);
+        __syncthreads();
+        float s[NT / 8][4], dp[NT / 8][4];
+        tc_dot_rows<HD, NT>(s, qa, ks);   // q_i . k_j
+        tc_dot_rows<HD, NT>(dp, da, vs);  // dP_ij = dO_i . v_j
+#pragma unroll
+        for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = k0 + j * 8 + 2 * t + (e & 1);
+                const float p = key < n ? exp2f(s[j][e] * scale_log2 - lse2[e >> 1]) : 0.0f;
+                s[j][e] = p * (dp[j][e] - dd[e >> 1]);  // dS
+            }
+        tc_acc_rows<HD, NT>(acc, s, ks);  // dQ_i += dS_ij k_j
+    }
+    const float mul[2] = {scale, scale};
+    tc_store_rows<HD>(dqkv + (long long)tl.b * n * stride + (long long)tl.h * HD, stride, acc, mul, r0, n);
+}
+
+template <int HD>
+static __device__ __forceinline__ void backward_dkv_tc_block(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
+                                                             const bf16* __restrict__ qkv,
+                                                             const float* __restrict__ lse,
+                                                             const float* __restrict__ dvec, int n, int heads,
+                                                             float scale) {
+    constexpr int NT = TC_BWD_STREAM, RS = HD + TC_PAD;
+    __align__(16) __shared__ bf16 qs[NT * RS];
+    __align__(16) __shared__ bf16 dos[NT * RS];
+    __shared__ float lse_s[NT], d_s[NT];
+    const Tile tl = tile_of(n, heads);
+    const int d = heads * HD;
+    const long long stride = 3LL * d;
+    const bf16* head = qkv + (long long)tl.b * n * stride + (long long)tl.h * HD;
+    const bf16* dout_head = dout + (long long)tl.b * n * d + (long long)tl.h * HD;
+    const int lane = threadIdx.x & 31, t = lane & 3;
+    const int r0 = tl.row0 + (threadIdx.x >> 5) * 16;  // this warp's 16 keys
+    const float scale_log2 = scale * ATT_LOG2E;
+
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
+    tc_row_frags<HD>(ka, head + d, stride, r0, n);
+    tc_row_frags<HD>(va, head + 2 * d, stride, r0, n);
+    float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+    for (int jd = 0; jd < HD / 8; jd++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[jd][e] = dv[jd][e] = 0.0f;
+    for (int q0 = 0; q0 < n; q0 += NT) {
+        __syncthreads();
+        tc_load_rows<HD, NT>(qs, head + q0 * stride, stride, n - q0);
+        tc_load_rows<HD, NT>(dos, dout_head + q0 * (long long)d, d, n - q0);
+        if (threadIdx.x < NT) {
+            const int q = q0 + threadIdx.x;
+            lse_s[threadIdx.x] = q < n ? lse[(long long)tl.bh * n + q] * ATT_LOG2E : 0.0f;
+            d_s[threadIdx.x] = q < n ? dvec[(long long)tl.bh * n + q] : 0.0f;
+        }
+        __syncthreads();
+        float s[NT / 8][4], dp[NT / 8][4];
+        tc_dot_rows<HD, NT>(s, ka, qs);    // k_i . q_j  (S^T)
+        tc_dot_rows<HD, NT>(dp, va, dos);  // dP_ji = dO_j . v_i  (dP^T)
+#pragma unroll
+        for (int j = 0; j < NT / 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qq = j * 8 + 2 * t + (e & 1);
+                const float p = q0 + qq < n ? exp2f(s[j][e] * scale_log2 - lse_s[qq]) : 0.0f;
+                s[j][e] = p;                          // P^T
+                dp[j][e] = p * (dp[j][e] - d_s[qq]);  // dS^T
+            }
+        tc_acc_rows<HD, NT>(dv, s, dos);  // dV_i += P_ji dO_j
+        tc_acc_rows<HD, NT>(dk, dp, qs);  // dK_i += dS_ji q_j
+    }
+    bf16* base = dqkv + (long long)tl.b * n * stride + (long long)tl.h * HD;
+    const float mul_k[2] = {scale, scale}, one[2] = {1.0f, 1.0f};
+    tc_store_rows<HD>(base + d, stride, dk, mul_k, r0, n);
+    tc_store_rows<HD>(base + 2 * d, stride, dv, one, r0, n);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_forward_tc_hd16(
+    bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int n, int heads, float scale) {
+    forward_tc_block<16>(out, lse, qkv, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dq_tc_hd16(
+    bf16* __restrict__ dqkv, float* __restrict__ dvec, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const bf16* __restrict__ out, const float* __restrict__ lse, int n, int heads, float scale) {
+    backward_dq_tc_block<16>(dqkv, dvec, dout, qkv, out, lse, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dkv_tc_hd16(
+    bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const float* __restrict__ lse, const float* __restrict__ dvec, int n, int heads, float scale) {
+    backward_dkv_tc_block<16>(dqkv, dout, qkv, lse, dvec, n, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_forward_tc_hd32(
+    bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int n, int heads, float scale) {
+    forward_tc_block<32>(out, lse, qkv, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dq_tc_hd32(
+    bf16* __restrict__ dqkv, float* __restrict__ dvec, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const bf16* __restrict__ out, const float* __restrict__ lse, int n, int heads, float scale) {
+    backward_dq_tc_block<32>(dqkv, dvec, dout, qkv, out, lse, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dkv_tc_hd32(
+    bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const float* __restrict__ lse, const float* __restrict__ dvec, int n, int heads, float scale) {
+    backward_dkv_tc_block<32>(dqkv, dout, qkv, lse, dvec, n, heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_forward_tc_hd64(
+    bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int n, int heads, float scale) {
+    forward_tc_block<64>(out, lse, qkv, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dq_tc_hd64(
+    bf16* __restrict__ dqkv, float* __restrict__ dvec, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const bf16* __restrict__ out, const float* __restrict__ lse, int n, int heads, float scale) {
+    backward_dq_tc_block<64>(dqkv, dvec, dout, qkv, out, lse, n, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, ATT_MIN_BLOCKS) attention_backward_dkv_tc_hd64(
+    bf16* __restrict__ dqkv, const bf16* __restrict__ dout, const bf16* __restrict__ qkv,
+    const float* __restrict__ lse, const float* __restrict__ dvec, int n, int heads, float scale) {
+    backward_dkv_tc_block<64>(dqkv, dout, qkv, lse, dvec, n, heads, scale);
+}

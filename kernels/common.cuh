@@ -42,3 +42,29 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
     x = lane < warps ? scratch[lane] : -INFINITY;
     return warp_max(x);
 }
+
+// D += A B on the tensor cores: one warp's mma.sync.m16n8k16, A (16 x 16) and B (16 x 8) bf16,
+// D (16 x 8) fp32. Fragments (two bf16 per 32-bit register, the lower index in the low half),
+// with g = lane / 4 and t = lane % 4:
+//   a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   d[0] = D[g][2t]   d[1] = D[g][2t+1]   d[2] = D[g+8][2t]   d[3] = D[g+8][2t+1]
+// Every lane of the warp must call it (it is warp-synchronous). The CPU emulator computes
+// the same product from the exchanged fragments (kernels/emu/cuda_emu.h).
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef PWSELF_EMU
+    emu_mma_16816(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Two floats as one register of two bf16 (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}

@@ -305,6 +305,156 @@ extern "C" __global__ void layernorm_backward(bf16* __restrict__ dx, float* __re
     }
 }
 
+// The same contract as layernorm_backward (same partials layout, grid and shared memory),
+// for rows whose width d is a multiple of 4 and at most 128 * LNV_MAX, with dx, dy and x
+// 8-byte aligned: each lane owns the 4-column groups lane + 32 v (v < V = ceil(d / 128)),
+// loads them with 8-byte loads once per row (the generic kernel reads a row twice, two bytes
+// at a time), and keeps its dw and db sums in registers until the block's end, where they go
+// to shared memory for the warp-order block sum. The launcher picks V.
+#define LNV_MAX 6
+static __device__ __forceinline__ void unpack4(uint2 u, float (&f)[4]) {
+    f[0] = __uint_as_float(u.x << 16);
+    f[1] = __uint_as_float(u.x & 0xffff0000u);
+    f[2] = __uint_as_float(u.y << 16);
+    f[3] = __uint_as_float(u.y & 0xffff0000u);
+}
+static __device__ __forceinline__ uint2 pack4(const float (&f)[4]) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(f[0], f[1]);
+    const __nv_bfloat162 hi = __floats2bfloat162_rn(f[2], f[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const uint32_t*>(&lo);
+    u.y = *reinterpret_cast<const uint32_t*>(&hi);
+    return u;
+}
+
+template <int V>
+static __device__ __forceinline__ void layernorm_backward_rows(
+    bf16* __restrict__ dx, float* __restrict__ partials, const bf16* __restrict__ dy,
+    const bf16* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,
+    const float* __restrict__ w, int n, int d, int rows_per_block) {
+    extern __shared__ float part[];  // [warps][2][d]
+    const int warps = blockDim.x >> 5;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int groups = d >> 2;
+    float wv[V][4], dw_acc[V][4], db_acc[V][4];
+#pragma unroll
+    for (int v = 0; v < V; v++) {
+        const int gi = lane + 32 * v;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            wv[v][e] = gi < groups ? w[4 * gi + e] : 0.0f;
+            dw_acc[v][e] = 0.0f;
+            db_acc[v][e] = 0.0f;
+        }
+    }
+    const int64_t row0 = (int64_t)blockIdx.x * rows_per_block;
+    const int64_t row_end = min((int64_t)n, row0 + rows_per_block);
+    for (int64_t row = row0 + warp; row < row_end; row += warps) {  // warp-uniform
+        const float m = mean[row], s = rstd[row];
+        const uint2* dyr = reinterpret_cast<const uint2*>(dy + row * d);
+        const uint2* xr = reinterpret_cast<const uint2*>(x + row * d);
+        uint2* dxr = reinterpret_cast<uint2*>(dx + row * d);
+        float g[V][4], xh[V][4], dyv[V][4];
+        float gs = 0.0f, gxs = 0.0f;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            const int gi = lane + 32 * v;
+            uint2 a = make_uint2(0u, 0u), b = make_uint2(0u, 0u);
+            if (gi < groups) {
+                a = dyr[gi];
+                b = xr[gi];
+            }
+            float xv[4];
+            unpack4(a, dyv[v]);
+            unpack4(b, xv);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                xh[v][e] = (xv[e] - m) * s;
+                g[v][e] = dyv[v][e] * wv[v][e];
+                gs += g[v][e];
+                gxs += g[v][e] * xh[v][e];
+            }
+        }
+        const float g_mean = warp_sum(gs) / (float)d;
+        const float gx_mean = warp_sum(gxs) / (float)d;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            const int gi = lane + 32 * v;
+            if (gi < groups) {
+                float old[4], upd[4];
+                unpack4(dxr[gi], old);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    upd[e] = old[e] + (g[v][e] - g_mean - xh[v][e] * gx_mean) * s;
+                    dw_acc[v][e] += dyv[v][e] * xh[v][e];
+                    db_acc[v][e] += dyv[v][e];
+                }
+                dxr[gi] = pack4(upd);
+            }
+        }
+    }
+    float* dw_part = part + (size_t)warp * 2 * d;
+    float* db_part = dw_part + d;
+#pragma unroll
+    for (int v = 0; v < V; v++) {
+        const int gi = lane + 32 * v;
+        if (gi < groups) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                dw_part[4 * gi + e] = dw_acc[v][e];
+                db_part[4 * gi + e] = db_acc[v][e];
+            }
+        }
+    }
+    __syncthreads();
+    float* out = partials + (int64_t)blockIdx.x * 2 * d;
+    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) {
+        float acc = 0.0f;
+        for (int v = 0; v < warps; v++) acc += part[(size_t)v * 2 * d + k];
+        out[k] = acc;
+    }
+}
+
+// One kernel per V = ceil(d / 128) (1..LNV_MAX = 6, so d <= 768), so that each gets the
+// registers its V needs rather than the widest one's (written out: build.rs reads the
+// kernel names from the source).
+extern "C" __global__ void layernorm_backward_vec1(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<1>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+extern "C" __global__ void layernorm_backward_vec2(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<2>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+extern "C" __global__ void layernorm_backward_vec3(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<3>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+extern "C" __global__ void layernorm_backward_vec4(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<4>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+extern "C" __global__ void layernorm_backward_vec5(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<5>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+extern "C" __global__ void layernorm_backward_vec6(bf16* __restrict__ dx, float* __restrict__ partials,
+                                                   const bf16* __restrict__ dy, const bf16* __restrict__ x,
+                                                   const float* __restrict__ mean, const float* __restrict__ rstd,
+                                                   const float* __restrict__ w, int n, int d, int rows_per_block) {
+    layernorm_backward_rows<6>(dx, partials, dy, x, mean, rstd, w, n, d, rows_per_block);
+}
+
 // ------------------------------------------------------------------------------------------
 // Second pass of every deterministic column reduction: acc[c] += sum_q partials[q*stride + c]
 // for q in [0, p), c in [0, d). Block of 512 threads = 32 columns x 16 row-threads; row-thread

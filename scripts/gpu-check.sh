@@ -17,7 +17,10 @@
 #            with kNN at the end, the first 20 steps' losses against the CPU backend's on
 #            the same config, and ViT-T/16 at 224/96 for TRAIN_STEPS_224 steps (default 200)
 # Device time is short (15 minutes a task, 10 a call): split the stages over calls, e.g.
-#   STAGES="kernels step" first, then STAGES="peer train".
+#   STAGES="kernels step" first, then STAGES="peer train", or run the script several times
+#   in one call with REPORT_TAG set apart (each run writes its own report; $OUT keeps what
+#   finished if the call is stopped). BENCH_FAMILY=attention,layers limits the per-kernel
+#   bench to those families.
 # Build the binary first on any machine: scripts/build-gpu-binary.sh (release, with the
 # kernels, the commit recorded, stripped).
 set -uo pipefail
@@ -62,7 +65,8 @@ commit=$("$bin" kernels 2>/dev/null | sed -n 's/^source commit: //p')
 tree=$(git describe --always --dirty --abbrev=12 2>/dev/null || echo unknown)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 slug=$(echo "${card:-unknown}" | tr ' ' '-' | tr -cd 'A-Za-z0-9-' | sed 's/^NVIDIA-//')
-report="$dir/$(date -u +%Y-%m-%d)-gpu-check-${slug:-unknown}.md"
+# REPORT_TAG names the report apart when one call runs the script more than once.
+report="$dir/$(date -u +%Y-%m-%d)-gpu-check-${slug:-unknown}${REPORT_TAG:+-$REPORT_TAG}.md"
 log="$dir/gpu-check.log"
 # Bulky outputs (packs, run folders, per-run JSON) go to a scratch folder, so that $OUT holds
 # only the report, the log and a few JSON files (the device tool returns at most 8 files).
@@ -107,7 +111,7 @@ if want kernels; then
     echo "exit status: $check_rc" >> "$report"
 
     section "bench --device cuda"
-    timeout "${BENCH_TIMEOUT:-80}" "$bin" bench --device cuda --iters 10 --out "$dir/bench-table.md" 2>>"$log" >/dev/null
+    timeout "${BENCH_TIMEOUT:-80}" "$bin" bench --device cuda --iters 10 ${BENCH_FAMILY:+--family "$BENCH_FAMILY"} --out "$dir/bench-table.md" 2>>"$log" >/dev/null
     bench_rc=$?
     if [ -f "$dir/bench-table.md" ]; then cat "$dir/bench-table.md" >> "$report"; rm -f "$dir/bench-table.md"; fi
     echo "exit status: $bench_rc" >> "$report"

@@ -134,7 +134,8 @@ fn open(ordinal: usize) -> Result<Gpu> {
     let gpu = Gpu::open(ordinal)?;
     let mem = gpu.total_memory().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     let (major, minor) = gpu.capability();
-    println!(
+    // On stderr, so that a command's --json output on stdout stays one JSON document.
+    eprintln!(
         "device {ordinal}: {} (compute capability {major}.{minor}, {mem:.0} GiB)",
         gpu.name()
     );

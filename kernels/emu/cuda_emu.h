@@ -116,6 +116,46 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
 inline int __all_sync(unsigned m, int pred) { return __ballot_sync(m, !pred) == 0; }
 
+// The emulator's tensor-core product (common.cuh's mma_16816 calls it under PWSELF_EMU):
+// the warp's 32 fragments are exchanged in three rounds, then each lane computes its four
+// outputs in fp32, k in order. Fragment layout as in common.cuh.
+#define PWSELF_EMU 1
+inline float emu_bf16_half(uint32_t w, int hi) {
+    uint32_t bits = hi ? (w & 0xffff0000u) : (w << 16);
+    float x;
+    memcpy(&x, &bits, 4);
+    return x;
+}
+inline void emu_mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    uint64_t* slots = emu::warp_exchange();
+    const unsigned l = emu::lane();
+    uint32_t A[32][4], B[32][2];
+    const uint64_t mine[3] = {(uint64_t)a[0] | ((uint64_t)a[1] << 32), (uint64_t)a[2] | ((uint64_t)a[3] << 32),
+                              (uint64_t)b[0] | ((uint64_t)b[1] << 32)};
+    for (int round = 0; round < 3; round++) {
+        slots[l] = mine[round];
+        emu::syncwarp();
+        for (int i = 0; i < 32; i++) {
+            const uint32_t lo = (uint32_t)slots[i], hi = (uint32_t)(slots[i] >> 32);
+            if (round == 0) { A[i][0] = lo; A[i][1] = hi; }
+            if (round == 1) { A[i][2] = lo; A[i][3] = hi; }
+            if (round == 2) { B[i][0] = lo; B[i][1] = hi; }
+        }
+        emu::syncwarp();
+    }
+    const int g = (int)l / 4, t = (int)l % 4;
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e >> 1), c = 2 * t + (e & 1);
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) {
+            const float av = emu_bf16_half(A[(r % 8) * 4 + (k % 8) / 2][(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+            const float bv = emu_bf16_half(B[c * 4 + (k % 8) / 2][k >= 8 ? 1 : 0], k & 1);
+            acc += av * bv;
+        }
+        d[e] = acc;
+    }
+}
+
 // Arithmetic intrinsics: the exact IEEE forms (the emulator never fuses a multiply-add).
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }

@@ -49,6 +49,40 @@ const OWN_ROWS: usize = 64;
 /// The head dims the kernels are built for.
 pub const HEAD_DIMS: [usize; 3] = [16, 32, 64];
 
+/// Which implementation of the products: the tensor cores (`mma.sync`, the default) or the
+/// CUDA cores (fp32 FMA loops; `PWSELF_ATTENTION=simt`), kept as the reference and fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// bf16 tensor-core products, fp32 accumulation (the `*_tc_hd*` kernels).
+    TensorCore,
+    /// fp32 products on the CUDA cores.
+    Simt,
+}
+
+impl Variant {
+    /// Both, the default first (check-kernels and bench run each).
+    pub const ALL: [Variant; 2] = [Variant::TensorCore, Variant::Simt];
+
+    /// The variant `PWSELF_ATTENTION` names (`tc`, the default, or `simt`).
+    pub fn from_env() -> Result<Variant> {
+        match std::env::var("PWSELF_ATTENTION").as_deref() {
+            Err(_) | Ok("") | Ok("tc") => Ok(Variant::TensorCore),
+            Ok("simt") => Ok(Variant::Simt),
+            Ok(other) => Err(Error::bad_config(
+                "PWSELF_ATTENTION",
+                format!("{other:?} is not an attention variant: use tc (the default) or simt"),
+            )),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::TensorCore => "tc",
+            Variant::Simt => "simt",
+        }
+    }
+}
+
 /// The three kernels of one head dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Kernels {
@@ -58,24 +92,40 @@ struct Kernels {
     dkv: &'static str,
 }
 
-/// The kernels for `d / heads`, or the error that names the setting to change.
-fn kernels_for(d: usize, heads: usize) -> Result<Kernels> {
+/// The kernels of `variant` for `d / heads`, or the error that names the setting to change.
+fn kernels_for(d: usize, heads: usize, variant: Variant) -> Result<Kernels> {
     let hd = d / heads;
-    let (forward, dq, dkv) = match hd {
-        16 => (
+    let tc = variant == Variant::TensorCore;
+    let (forward, dq, dkv) = match (hd, tc) {
+        (16, false) => (
             "attention_forward_hd16",
             "attention_backward_dq_hd16",
             "attention_backward_dkv_hd16",
         ),
-        32 => (
+        (32, false) => (
             "attention_forward_hd32",
             "attention_backward_dq_hd32",
             "attention_backward_dkv_hd32",
         ),
-        64 => (
+        (64, false) => (
             "attention_forward_hd64",
             "attention_backward_dq_hd64",
             "attention_backward_dkv_hd64",
+        ),
+        (16, true) => (
+            "attention_forward_tc_hd16",
+            "attention_backward_dq_tc_hd16",
+            "attention_backward_dkv_tc_hd16",
+        ),
+        (32, true) => (
+            "attention_forward_tc_hd32",
+            "attention_backward_dq_tc_hd32",
+            "attention_backward_dkv_tc_hd32",
+        ),
+        (64, true) => (
+            "attention_forward_tc_hd64",
+            "attention_backward_dq_tc_hd64",
+            "attention_backward_dkv_tc_hd64",
         ),
         _ => {
             return Err(Error::bad_config(
@@ -150,13 +200,26 @@ pub fn attention_forward(
     d: usize,
     heads: usize,
 ) -> Result<()> {
+    attention_forward_with(gpu, out, lse, qkv, (b, n, d, heads), Variant::from_env()?)
+}
+
+/// [`attention_forward`] with the given [`Variant`]; `shape` is `(B, N, D, H)`.
+pub fn attention_forward_with(
+    gpu: &Gpu,
+    out: &mut Buf<bf16>,
+    lse: &mut Buf<f32>,
+    qkv: &Buf<bf16>,
+    shape: (usize, usize, usize, usize),
+    variant: Variant,
+) -> Result<()> {
     const NAME: &str = "attention_forward";
+    let (b, n, d, heads) = shape;
     check_shapes(NAME, qkv.len(), lse.len(), b, n, d, heads);
     assert_eq!(out.len(), b * n * d, "{NAME}: out must be (B, N, D)");
     if d == 0 {
         return Ok(());
     }
-    let k = kernels_for(d, heads)?;
+    let k = kernels_for(d, heads, variant)?;
     if b == 0 || n == 0 {
         return Ok(());
     }
@@ -206,7 +269,23 @@ pub fn attention_backward(
     d: usize,
     heads: usize,
 ) -> Result<()> {
+    let variant = Variant::from_env()?;
+    attention_backward_with(gpu, dqkv, [dout, qkv, out], lse, (b, n, d, heads), variant)
+}
+
+/// [`attention_backward`] with the given [`Variant`]; `inputs` are `[dout, qkv, out]` and
+/// `shape` is `(B, N, D, H)`.
+pub fn attention_backward_with(
+    gpu: &Gpu,
+    dqkv: &mut Buf<bf16>,
+    inputs: [&Buf<bf16>; 3],
+    lse: &Buf<f32>,
+    shape: (usize, usize, usize, usize),
+    variant: Variant,
+) -> Result<()> {
     const NAME: &str = "attention_backward";
+    let [dout, qkv, out] = inputs;
+    let (b, n, d, heads) = shape;
     check_shapes(NAME, qkv.len(), lse.len(), b, n, d, heads);
     assert_eq!(dqkv.len(), b * n * 3 * d, "{NAME}: dqkv must be (B, N, 3D)");
     assert_eq!(dout.len(), b * n * d, "{NAME}: dout must be (B, N, D)");
@@ -214,7 +293,7 @@ pub fn attention_backward(
     if d == 0 {
         return Ok(());
     }
-    let k = kernels_for(d, heads)?;
+    let k = kernels_for(d, heads, variant)?;
     if b == 0 || n == 0 {
         return Ok(());
     }
@@ -394,6 +473,14 @@ fn shape_name(b: usize, n: usize, heads: usize, hd: usize) -> String {
 /// log-sum-exp of the same scores within the fp32 bound (it is computed and stored fp32).
 fn check_forward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
+    for variant in Variant::ALL {
+        outcomes.extend(check_forward_variant(gpu, inp, variant)?);
+    }
+    Ok(outcomes)
+}
+
+fn check_forward_variant(gpu: &Gpu, inp: &mut Inputs, variant: Variant) -> Result<Vec<Outcome>> {
+    let mut outcomes = Vec::new();
     for &(b, n, heads, hd) in &CHECK_SHAPES {
         let d = heads * hd;
         let qkv = round_bf16(&inp.normal(b * n * 3 * d, 1.0));
@@ -405,14 +492,26 @@ fn check_forward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
         let qkv_gpu = gpu.pool().upload(&to_bf16(&qkv))?;
         let mut out = poisoned_bf16(gpu, b * n * d)?;
         let mut lse = poisoned_f32(gpu, b * heads * n)?;
-        attention_forward(gpu, &mut out, &mut lse, &qkv_gpu, b, n, d, heads)?;
-        let name = format!("attention_forward {}", shape_name(b, n, heads, hd));
-        outcomes.push(compare(
-            format!("{name}: out"),
-            &download_bf16(&out)?,
-            &want_out,
-            BF16_BOUND,
-        ));
+        attention_forward_with(gpu, &mut out, &mut lse, &qkv_gpu, (b, n, d, heads), variant)?;
+        let name = format!(
+            "attention_forward[{}] {}",
+            variant.label(),
+            shape_name(b, n, heads, hd)
+        );
+        outcomes.push(match variant {
+            Variant::Simt => compare(
+                format!("{name}: out"),
+                &download_bf16(&out)?,
+                &want_out,
+                BF16_BOUND,
+            ),
+            Variant::TensorCore => compare_to_scale(
+                format!("{name}: out (error / max |out|)"),
+                &download_bf16(&out)?,
+                &want_out,
+                TC_BOUND,
+            ),
+        });
         outcomes.push(compare(
             format!("{name}: lse"),
             &download_f32(&lse)?,
@@ -422,6 +521,13 @@ fn check_forward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
     }
     Ok(outcomes)
 }
+
+/// The tensor-core kernels' bound, against the output's scale: they round the probabilities
+/// (and dS) to bf16 before the products, which moves an output element by about
+/// `2^-9 |p|_2 |v|`, up to a few 1e-3 of the largest element, wherever the element itself
+/// lies (so the elementwise measure, with its floor at 1e-3 of the largest, does not apply).
+/// A wrong index or a lost tile moves elements by a large part of the scale.
+const TC_BOUND: f64 = 1e-2;
 
 /// The backward, twice per shape.
 ///
@@ -444,6 +550,14 @@ fn check_forward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
 ///    same property.
 fn check_backward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::new();
+    for variant in Variant::ALL {
+        outcomes.extend(check_backward_variant(gpu, inp, variant)?);
+    }
+    Ok(outcomes)
+}
+
+fn check_backward_variant(gpu: &Gpu, inp: &mut Inputs, variant: Variant) -> Result<Vec<Outcome>> {
+    let mut outcomes = Vec::new();
     for &(b, n, heads, hd) in &CHECK_SHAPES {
         let d = heads * hd;
         let qkv = round_bf16(&inp.normal(b * n * 3 * d, 1.0));
@@ -458,30 +572,43 @@ fn check_backward(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
         let exact = backward_reference(&qkv, &dout, &out, b, n, d, heads);
 
         let mut dqkv = poisoned_bf16(gpu, b * n * 3 * d)?;
-        attention_backward(
+        let pool = gpu.pool();
+        attention_backward_with(
             gpu,
             &mut dqkv,
-            &gpu.pool().upload(&to_bf16(&dout))?,
-            &gpu.pool().upload(&to_bf16(&qkv))?,
-            &gpu.pool().upload(&to_bf16(&out))?,
-            &gpu.pool().upload(&lse)?,
-            b,
-            n,
-            d,
-            heads,
+            [
+                &pool.upload(&to_bf16(&dout))?,
+                &pool.upload(&to_bf16(&qkv))?,
+                &pool.upload(&to_bf16(&out))?,
+            ],
+            &pool.upload(&lse)?,
+            (b, n, d, heads),
+            variant,
         )?;
         let got = download_bf16(&dqkv)?;
-        let name = format!("attention_backward {}", shape_name(b, n, heads, hd));
+        let name = format!(
+            "attention_backward[{}] {}",
+            variant.label(),
+            shape_name(b, n, heads, hd)
+        );
         for (part, what) in ["dq", "dk", "dv"].into_iter().enumerate() {
             let got = qkv_part(&got, d, part);
-            outcomes.push(compare(
-                format!("{name}: {what} (f64, D from bf16 out)"),
-                &got,
-                &qkv_part(&exact, d, part),
-                BF16_BOUND,
-            ));
+            outcomes.push(match variant {
+                Variant::Simt => compare(
+                    format!("{name}: {what} (f64, D from bf16 out)"),
+                    &got,
+                    &qkv_part(&exact, d, part),
+                    BF16_BOUND,
+                ),
+                Variant::TensorCore => compare_to_scale(
+                    format!("{name}: {what} (f64, D from bf16 out; error / max |{what}|)"),
+                    &got,
+                    &qkv_part(&exact, d, part),
+                    TC_BOUND,
+                ),
+            });
             let want = qkv_part(&want, d, part);
-            outcomes.push(if what == "dv" {
+            outcomes.push(if what == "dv" && variant == Variant::Simt {
                 compare(format!("{name}: {what}"), &got, &want, BF16_BOUND)
             } else {
                 compare_to_scale(
@@ -541,20 +668,26 @@ pub fn benches(gpu: &Gpu) -> Result<Vec<BenchCase<'_>>> {
         ("globals 224/8", 2 * IMAGES, 785),
     ];
     let mut cases = Vec::new();
-    for (label, b, n) in shapes {
+    for (variant, (label, b, n)) in Variant::ALL
+        .into_iter()
+        .flat_map(|v| shapes.into_iter().map(move |s| (v, s)))
+    {
         let tokens = (b * n) as u64;
         let pairs = (b * HEADS) as u64 * (n * n) as u64;
         let forward_flops = 4 * pairs * HD as u64;
         let shape = format!("{b}x{n}x{D} h{HEADS} ({label})");
+        let shape4 = (b, n, D, HEADS);
 
         let qkv = gpu.pool().upload(&filler(b * n * 3 * D))?;
         let mut out = gpu.pool().alloc::<bf16>(b * n * D)?;
         let mut lse = gpu.pool().alloc::<f32>(b * HEADS * n)?;
         cases.push(BenchCase {
-            name: format!("attention_forward {shape}"),
+            name: format!("attention_forward[{}] {shape}", variant.label()),
             bytes: tokens * (2 * 3 * D + 2 * D + 4 * HEADS) as u64,
             flops: forward_flops,
-            run: Box::new(move || attention_forward(gpu, &mut out, &mut lse, &qkv, b, n, D, HEADS)),
+            run: Box::new(move || {
+                attention_forward_with(gpu, &mut out, &mut lse, &qkv, shape4, variant)
+            }),
         });
 
         // The backward's out and lse come from a forward pass, so the recomputed
@@ -562,15 +695,15 @@ pub fn benches(gpu: &Gpu) -> Result<Vec<BenchCase<'_>>> {
         let qkv = gpu.pool().upload(&filler(b * n * 3 * D))?;
         let mut out = gpu.pool().alloc::<bf16>(b * n * D)?;
         let mut lse = gpu.pool().alloc::<f32>(b * HEADS * n)?;
-        attention_forward(gpu, &mut out, &mut lse, &qkv, b, n, D, HEADS)?;
+        attention_forward_with(gpu, &mut out, &mut lse, &qkv, shape4, variant)?;
         let dout = gpu.pool().upload(&filler(b * n * D))?;
         let mut dqkv = gpu.pool().alloc::<bf16>(b * n * 3 * D)?;
         cases.push(BenchCase {
-            name: format!("attention_backward {shape}"),
+            name: format!("attention_backward[{}] {shape}", variant.label()),
             bytes: tokens * (2 * (3 * D + D + D + 3 * D) + (4 + 8) * HEADS) as u64,
             flops: 10 * pairs * HD as u64,
             run: Box::new(move || {
-                attention_backward(gpu, &mut dqkv, &dout, &qkv, &out, &lse, b, n, D, HEADS)
+                attention_backward_with(gpu, &mut dqkv, [&dout, &qkv, &out], &lse, shape4, variant)
             }),
         });
     }
@@ -584,14 +717,21 @@ mod tests {
     #[test]
     fn every_supported_head_dim_has_its_kernels_and_others_are_a_config_error() {
         for hd in HEAD_DIMS {
-            let k = kernels_for(3 * hd, 3).unwrap();
-            assert_eq!(k.hd, hd);
-            for name in [k.forward, k.dq, k.dkv] {
-                assert!(name.ends_with(&format!("_hd{hd}")), "{name}");
+            for variant in Variant::ALL {
+                let k = kernels_for(3 * hd, 3, variant).unwrap();
+                assert_eq!(k.hd, hd);
+                for name in [k.forward, k.dq, k.dkv] {
+                    assert!(name.ends_with(&format!("_hd{hd}")), "{name}");
+                    assert_eq!(
+                        name.contains("_tc_"),
+                        variant == Variant::TensorCore,
+                        "{name}"
+                    );
+                }
             }
         }
         for (d, heads) in [(384, 8), (96, 1), (8, 1), (768, 6)] {
-            match kernels_for(d, heads) {
+            match kernels_for(d, heads, Variant::TensorCore) {
                 Err(Error::BadConfig { field, reason }) => {
                     assert_eq!(field, "model.heads");
                     assert!(reason.contains(&(d / heads).to_string()), "{reason}");

@@ -495,12 +495,16 @@ fn check_linear(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
             BF16_BOUND,
         ));
         // fp32 output, but the products of bf16 inputs are summed in an order cuBLASLt
-        // chooses (split-K included): 1e-4 relative to the output's scale.
+        // chooses (split-K included), and the tensor cores' fp32 accumulation is not IEEE
+        // summation (it aligns the products before adding them): the first H200 run
+        // measured 1.42e-4 at 394x384x1536, an absolute error of 1.3e-5 on a sum of 394
+        // products of size ~1. 5e-4 relative to the output's scale still catches any wrong
+        // index or missed term (errors of order 1).
         out.push(compare(
             format!("linear_backward_weight {shape}"),
             &check::download_f32(&dw)?,
             &dw_ref,
-            1e-4,
+            5e-4,
         ));
     }
     Ok(out)

@@ -517,6 +517,18 @@ pub fn residual_layernorm_forward(
     }
 }
 
+/// The widest row the vectorised `layernorm_backward_vec{1..6}` take: 6 groups of 4 columns per
+/// lane (its registers hold six values per column group).
+const LN_VEC_MAX_DIM: usize = 6 * 128;
+
+/// The 4-column groups per lane of `layernorm_backward_vecV` for width `d`, or `None` when it
+/// cannot run: `d` not a multiple of 4, wider than [`LN_VEC_MAX_DIM`], or a bf16 row pointer
+/// not 8-byte aligned.
+fn ln_backward_vectors(d: usize, bf16_ptrs: &[u64]) -> Option<usize> {
+    (d % 4 == 0 && d <= LN_VEC_MAX_DIM && bf16_ptrs.iter().all(|p| p % 8 == 0))
+        .then(|| d.div_ceil(128))
+}
+
 /// Warps per block of `layernorm_backward` for rows of `d`: up to 8, as many as the shared
 /// memory holds (each keeps `2 * d` fp32 partial sums).
 fn ln_backward_warps(d: usize) -> usize {
@@ -569,26 +581,34 @@ pub fn layernorm_backward(
     let partials = gpu.pool().alloc::<f32>(p * 2 * d)?;
     let mut cfg = blocks(p, (32 * warps) as u32);
     cfg.shared_mem_bytes = (warps * 2 * d * 4) as u32;
+    let args = [
+        Arg::Ptr(dx.ptr()),
+        Arg::Ptr(partials.ptr()),
+        Arg::Ptr(dy.ptr()),
+        Arg::Ptr(x.ptr()),
+        Arg::Ptr(mean.ptr()),
+        Arg::Ptr(rstd.ptr()),
+        Arg::Ptr(w.ptr()),
+        int("n", n).into(),
+        int("d", d).into(),
+        int("rows_per_block", rows_per_block).into(),
+    ];
+    // The vectorised kernel: 4-column groups with 8-byte loads, which needs d % 4 == 0 and
+    // 8-byte aligned rows; the generic one takes any width.
+    let kernel = match ln_backward_vectors(d, &[dx.ptr(), dy.ptr(), x.ptr()]) {
+        Some(1) => "layernorm_backward_vec1",
+        Some(2) => "layernorm_backward_vec2",
+        Some(3) => "layernorm_backward_vec3",
+        Some(4) => "layernorm_backward_vec4",
+        Some(5) => "layernorm_backward_vec5",
+        Some(_) => "layernorm_backward_vec6",
+        None => "layernorm_backward",
+    };
     // SAFETY: p blocks of rows_per_block rows cover the n rows (the last one is clipped);
-    // block q writes partials[q * 2d .. (q + 1) * 2d]; the shared memory holds warps * 2d floats.
+    // block q writes partials[q * 2d .. (q + 1) * 2d]; the shared memory holds warps * 2d
+    // floats; the vectorised kernel's alignment and width were checked.
     unsafe {
-        gpu.launch(
-            MODULE,
-            "layernorm_backward",
-            cfg,
-            &[
-                Arg::Ptr(dx.ptr()),
-                Arg::Ptr(partials.ptr()),
-                Arg::Ptr(dy.ptr()),
-                Arg::Ptr(x.ptr()),
-                Arg::Ptr(mean.ptr()),
-                Arg::Ptr(rstd.ptr()),
-                Arg::Ptr(w.ptr()),
-                int("n", n).into(),
-                int("d", d).into(),
-                int("rows_per_block", rows_per_block).into(),
-            ],
-        )?;
+        gpu.launch(MODULE, kernel, cfg, &args)?;
     }
     column_sum_finish(gpu, dw, &partials, 0, p, d, 2 * d)?;
     column_sum_finish(gpu, db, &partials, d, p, d, 2 * d)
@@ -1165,7 +1185,16 @@ fn check_add_cls_and_pos(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
 
 /// Shapes for the layernorm checks: D not a multiple of 32, more rows than one block (and
 /// than one block of the backward's 32 rows), a D that takes fewer than 8 warps backward.
-const LN_SHAPES: [(usize, usize); 4] = [(37, 77), (301, 384), (70, 40), (45, 1000)];
+/// Widths for both backward kernels: the generic one (77, 1000) and the vectorised one with
+/// 1, 2 (33 groups: one lane takes two), 3 and 6 groups per lane (40, 132, 384, 768).
+const LN_SHAPES: [(usize, usize); 6] = [
+    (37, 77),
+    (301, 384),
+    (70, 40),
+    (45, 1000),
+    (29, 132),
+    (53, 768),
+];
 
 fn check_layernorm(gpu: &Gpu, inp: &mut Inputs) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
@@ -1941,6 +1970,25 @@ mod tests {
         assert_eq!(ln_backward_warps(384), 8);
         assert_eq!(ln_backward_warps(768), 8);
         assert_eq!(ln_backward_warps(1000), 6);
+    }
+
+    #[test]
+    fn layernorm_backward_takes_the_vectorised_kernel_only_where_it_can_run() {
+        assert_eq!(ln_backward_vectors(384, &[0, 256, 1024]), Some(3));
+        assert_eq!(ln_backward_vectors(768, &[8]), Some(6));
+        assert_eq!(ln_backward_vectors(40, &[8]), Some(1));
+        assert_eq!(ln_backward_vectors(132, &[8]), Some(2));
+        assert_eq!(
+            ln_backward_vectors(77, &[0]),
+            None,
+            "width not a multiple of 4"
+        );
+        assert_eq!(ln_backward_vectors(772, &[0]), None, "wider than 768");
+        assert_eq!(
+            ln_backward_vectors(384, &[0, 4]),
+            None,
+            "a row pointer 4-byte aligned"
+        );
     }
 
     #[test]

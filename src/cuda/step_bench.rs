@@ -172,8 +172,12 @@ pub struct StepBenchResult {
     pub peak_tflop_s: Option<(f64, String)>,
     /// `tflop_s / peak`.
     pub mfu: Option<f64>,
-    /// Device memory the pool held at the end (its high-water mark), bytes.
+    /// The most device memory the step's buffers used at once, bytes (PyTorch's
+    /// `max_memory_allocated`).
     pub memory_bytes: u64,
+    /// Device memory the allocator held at the end, in use or cached, bytes (PyTorch's
+    /// `memory_reserved`).
+    pub memory_held_bytes: u64,
     /// Larger batches tried first that did not fit, with the error.
     pub did_not_fit: Vec<(usize, String)>,
     /// The profiled step's time per kernel, largest first (empty without `profile`).
@@ -206,6 +210,8 @@ fn run_at(
 ) -> Result<StepBenchResult> {
     let mut tc = TrainConfig::default();
     tc.views.preset = Some(cfg.preset);
+    // The preset's view counts (paper224: 2 + 8), not the default job's 6 locals.
+    tc.views.local_views = None;
     tc.model.arch = cfg.arch;
     tc.model.patch = Some(cfg.patch);
     tc.head.out_dim = cfg.out_dim;
@@ -290,17 +296,12 @@ fn run_at(
         tflop_s,
         peak_tflop_s: peak.map(|(p, s)| (p, s.to_string())),
         mfu: peak.map(|(p, _)| tflop_s / p),
-        memory_bytes: trainer.memory_held(),
+        memory_bytes: trainer.gpu().pool().stats().peak_in_use,
+        memory_held_bytes: trainer.memory_held(),
         did_not_fit: Vec::new(),
         profile,
         profiled_step_ms,
     })
-}
-
-/// True when `e` is the device running out of memory (so a smaller batch may fit).
-fn out_of_memory(e: &Error) -> bool {
-    let s = e.to_string().to_ascii_uppercase();
-    s.contains("OUT_OF_MEMORY") || s.contains("OUT OF MEMORY")
 }
 
 /// Times `cfg`: at its batch, or at the largest of [`BATCHES`] that fits (each try on a
@@ -321,7 +322,7 @@ pub fn run(open: &dyn Fn() -> Result<Gpu>, cfg: &StepBenchConfig) -> Result<Step
                 r.did_not_fit = did_not_fit;
                 return Ok(r);
             }
-            Err(e) if cfg.batch.is_none() && out_of_memory(&e) => {
+            Err(e) if cfg.batch.is_none() && super::pool::is_out_of_memory(&e) => {
                 did_not_fit.push((b, e.to_string()));
             }
             Err(e) => return Err(e),
@@ -363,12 +364,12 @@ pub fn to_markdown(results: &[StepBenchResult]) -> String {
     use std::fmt::Write as _;
     let mut s = String::from(
         "| model and views | device | batch | median ms/step | img/s | head rows/img | \
-         GFLOP/img | TFLOP/s | MFU | memory GiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         GFLOP/img | TFLOP/s | MFU | peak memory GiB | held GiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in results {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {:.2} |",
+            "| {} | {} | {} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {} | {:.2} | {:.2} |",
             r.name,
             r.device,
             r.batch,
@@ -379,13 +380,15 @@ pub fn to_markdown(results: &[StepBenchResult]) -> String {
             r.tflop_s,
             r.mfu
                 .map_or("peak unknown".to_string(), |m| format!("{:.1}%", 100.0 * m)),
-            r.memory_bytes as f64 / (1u64 << 30) as f64
+            r.memory_bytes as f64 / (1u64 << 30) as f64,
+            r.memory_held_bytes as f64 / (1u64 << 30) as f64
         );
     }
     let _ = writeln!(
         s,
         "\nModel FLOPs ({FLOPS_FORMULA}). MFU is against the card's dense bf16 peak from its \
-         specification sheet."
+         specification sheet. Peak memory: the most bytes the step's buffers used at once \
+         (PyTorch's max_memory_allocated); held: what the caching allocator kept."
     );
     for r in results.iter().filter(|r| !r.profile.is_empty()) {
         let total: f64 = r.profile.iter().map(|k| k.ms).sum();

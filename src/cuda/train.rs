@@ -104,9 +104,13 @@ impl GpuTrainer {
         self.step.download_state()
     }
 
-    /// Device bytes the pool holds: its high-water mark, since the caching pool returns
-    /// nothing to the driver while it lives.
+    /// Device bytes the caching pool holds, in use or cached.
     pub fn memory_held(&self) -> u64 {
         self.gpu.pool().stats().bytes_allocated
+    }
+
+    /// The most device bytes in use at once so far (PyTorch's `max_memory_allocated`).
+    pub fn memory_peak(&self) -> u64 {
+        self.gpu.pool().stats().peak_in_use
     }
 }

@@ -130,7 +130,7 @@ pub struct TrainSummary {
     pub parameters: usize,
     /// Where the steps ran: `cpu`, or the GPU's name.
     pub device: String,
-    /// Device memory the GPU backend held at the end (its high-water mark), in bytes.
+    /// The most device memory the GPU backend's buffers used at once, in bytes.
     pub device_memory: Option<u64>,
     /// kNN of the teacher at initialisation (absent when resuming or without a test set).
     pub knn_init: Option<Vec<KnnResult>>,
@@ -488,7 +488,7 @@ pub fn run(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     backend.sync_host(&mut w)?;
     let device_memory = match &backend {
         Backend::Cpu => None,
-        Backend::Gpu(t) => Some(t.memory_held()),
+        Backend::Gpu(t) => Some(t.memory_peak()),
     };
 
     let (knn_trained, knn_raw) = match (&test, do_eval) {
