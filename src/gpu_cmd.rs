@@ -93,7 +93,8 @@ pub struct BenchArgs {
     /// With --step: the head's output dimension K.
     #[arg(long, default_value_t = 65536)]
     out_dim: usize,
-    /// With --step: images per step (default: the largest of 512, 384, 256, ... that fits).
+    /// With --step: images per step (default: the largest of 512, 384, 256, ... that fits
+    /// without releasing the allocator's cache in the timed steps).
     #[arg(long)]
     batch: Option<usize>,
     /// With --step: untimed steps before the timed ones.

@@ -180,6 +180,10 @@ pub struct StepBenchResult {
     pub memory_held_bytes: u64,
     /// Larger batches tried first that did not fit, with the error.
     pub did_not_fit: Vec<(usize, String)>,
+    /// Times the allocator gave its cache back to the driver during the timed steps (the
+    /// buffers of a step did not all fit at once beside the cache: each such step frees and
+    /// allocates device memory again, which costs more than the step's kernels).
+    pub cache_releases: u64,
     /// The profiled step's time per kernel, largest first (empty without `profile`).
     pub profile: Vec<KernelTime>,
     /// The profiled step's wall time, milliseconds.
@@ -247,7 +251,11 @@ fn run_at(
     let images: Vec<u32> = (0..batch as u32).collect();
     let mut b = ViewBatch::default();
     let (mut times, mut rows) = (Vec::new(), 0usize);
+    let mut releases_before = 0;
     for i in 0..steps {
+        if i == cfg.warmup as u64 {
+            releases_before = trainer.gpu().pool().stats().cache_releases;
+        }
         builder.build_headers_into(&pack, i, 0, &images, &mut b)?;
         let t = Instant::now();
         let stats = trainer.step(&b)?;
@@ -257,6 +265,7 @@ fn run_at(
             rows += stats.head_rows;
         }
     }
+    let cache_releases = trainer.gpu().pool().stats().cache_releases - releases_before;
     let (mut profile, mut profiled_step_ms) = (Vec::new(), None);
     if cfg.profile {
         builder.build_headers_into(&pack, steps, 0, &images, &mut b)?;
@@ -299,13 +308,16 @@ fn run_at(
         memory_bytes: trainer.gpu().pool().stats().peak_in_use,
         memory_held_bytes: trainer.memory_held(),
         did_not_fit: Vec::new(),
+        cache_releases,
         profile,
         profiled_step_ms,
     })
 }
 
-/// Times `cfg`: at its batch, or at the largest of [`BATCHES`] that fits (each try on a
-/// fresh device from `open`, so a failed one leaves nothing behind).
+/// Times `cfg`: at its batch, or at the largest of [`BATCHES`] that fits: runs out of device
+/// memory neither at allocation nor in the steady state, where a step would need the
+/// allocator to release its cache (each try on a fresh device from `open`, so a failed one
+/// leaves nothing behind).
 pub fn run(open: &dyn Fn() -> Result<Gpu>, cfg: &StepBenchConfig) -> Result<StepBenchResult> {
     if cfg.iters == 0 {
         return Err(Error::bad_config("--iters", "at least 1 timed step"));
@@ -318,6 +330,25 @@ pub fn run(open: &dyn Fn() -> Result<Gpu>, cfg: &StepBenchConfig) -> Result<Step
     let mut did_not_fit = Vec::new();
     for &b in &batches {
         match run_at(open, cfg, b, dir.path()) {
+            // A batch that only runs by releasing the allocator's cache in the timed steps
+            // thrashes device memory (on the first H200 run ViT-S at batch 384 took 562 ms a
+            // step for 279 ms of kernels); the next smaller batch is the one that fits.
+            Ok(r)
+                if cfg.batch.is_none()
+                    && r.cache_releases > 0
+                    && b != batches[batches.len() - 1] =>
+            {
+                did_not_fit.push((
+                    b,
+                    format!(
+                        "runs only by releasing the allocator's cache ({} times in {} timed \
+                         steps, {:.1} GiB peak): memory-bound thrash",
+                        r.cache_releases,
+                        cfg.iters,
+                        r.memory_bytes as f64 / (1u64 << 30) as f64
+                    ),
+                ));
+            }
             Ok(mut r) => {
                 r.did_not_fit = did_not_fit;
                 return Ok(r);
