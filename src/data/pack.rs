@@ -688,6 +688,49 @@ impl fmt::Debug for PackWriter {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Removes the temporary files `.{name}.{pid}-{n}.tmp` in `dir` that a writer of `name` left
+/// when its process was killed (SIGKILL gives it no chance to clean up): those whose process
+/// no longer runs. A live process's file is left alone, and so is everything on a system
+/// without `/proc` to ask. Returns the files removed (each also said on stderr).
+fn remove_stale_temps(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    if !Path::new("/proc/self").exists() {
+        return removed;
+    }
+    let prefix = format!(".{name}.");
+    let Ok(entries) = fs::read_dir(dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(prefix.as_str()))
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((pid, counter)) = rest.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), counter.parse::<u64>()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        if fs::remove_file(&path).is_ok() {
+            eprintln!(
+                "removed {}: a temporary file left by a writer that was killed (process {pid} has ended)",
+                path.display()
+            );
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 impl PackWriter {
     /// Starts a pack at `path` for images of `height x width x channels` (channels 1 or 3)
     /// and the given class names (labels index them). Nothing appears at `path` until
@@ -761,6 +804,7 @@ impl PackWriter {
                 ),
             ));
         }
+        remove_stale_temps(&dir, &file_name.to_string_lossy());
         let tmp_path = dir.join(format!(
             ".{}.{}-{}.tmp",
             file_name.to_string_lossy(),
@@ -1017,6 +1061,27 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("pwself-stale-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        // pid_max is at most 2^22 on Linux: this process cannot exist.
+        let dead = dir.join(".out.pwpack.4294967295-0.tmp");
+        let live = dir.join(format!(".out.pwpack.{}-7.tmp", std::process::id()));
+        let other = dir.join(".other.pwpack.4294967295-0.tmp");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        let removed = super::remove_stale_temps(&dir, "out.pwpack");
+        if Path::new("/proc/self").exists() {
+            assert_eq!(removed, vec![dead.clone()]);
+            assert!(!dead.exists());
+        }
+        assert!(live.exists(), "a running process's file is kept");
+        assert!(other.exists(), "another output's file is kept");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     fn names(k: usize) -> Vec<String> {
