@@ -118,7 +118,15 @@ pub(crate) fn is_gzip(bytes: &[u8]) -> bool {
 }
 
 /// Gunzips `compressed` (read from `origin`) into memory.
+/// The most bytes [`gunzip`] produces: a deflate stream expands up to about 1,000 times, so a
+/// small corrupt or hostile file could otherwise fill the memory before anything reads it.
+pub(crate) const MAX_GUNZIP_BYTES: u64 = 8 << 30;
+
 pub(crate) fn gunzip(compressed: &[u8], origin: &Path) -> Result<Vec<u8>> {
+    gunzip_capped(compressed, origin, MAX_GUNZIP_BYTES)
+}
+
+fn gunzip_capped(compressed: &[u8], origin: &Path, cap: u64) -> Result<Vec<u8>> {
     // The gzip trailer holds the uncompressed size mod 2^32: a capacity hint, capped so a
     // corrupt trailer cannot make us allocate gigabytes up front.
     let hint = compressed
@@ -129,8 +137,9 @@ pub(crate) fn gunzip(compressed: &[u8], origin: &Path) -> Result<Vec<u8>> {
         .map(|t: [u8; 4]| u32::from_le_bytes(t) as usize)
         .unwrap_or(0)
         .min(compressed.len().saturating_mul(64));
-    let mut out = Vec::with_capacity(hint);
+    let mut out = Vec::with_capacity(hint.min(cap as usize));
     flate2::read::GzDecoder::new(compressed)
+        .take(cap + 1)
         .read_to_end(&mut out)
         .map_err(|e| {
             Error::bad_file(
@@ -141,6 +150,16 @@ pub(crate) fn gunzip(compressed: &[u8], origin: &Path) -> Result<Vec<u8>> {
                 ),
             )
         })?;
+    if out.len() as u64 > cap {
+        return Err(Error::bad_file(
+            origin,
+            format!(
+                "decompresses to more than {} GiB, the limit for gzip input read into \
+                 memory: gunzip it yourself and pass the plain file",
+                cap >> 30
+            ),
+        ));
+    }
     Ok(out)
 }
 
@@ -1061,6 +1080,31 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gunzip_refuses_output_past_its_cap_and_keeps_what_fits() {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![0u8; 3 << 20]).unwrap();
+        let bytes = gz.finish().unwrap();
+        assert!(
+            bytes.len() < 20_000,
+            "3 MiB of zeros compress to {} bytes",
+            bytes.len()
+        );
+        let origin = Path::new("bomb.gz");
+        assert_eq!(
+            super::gunzip_capped(&bytes, origin, 3 << 20).unwrap().len(),
+            3 << 20
+        );
+        let e = super::gunzip_capped(&bytes, origin, 2 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bomb.gz") && e.contains("gunzip it yourself"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_killed_writers_temporary_file_is_removed_and_a_live_ones_kept() {
         let dir = std::env::temp_dir().join(format!("pwself-stale-{}", std::process::id()));
