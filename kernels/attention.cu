@@ -35,12 +35,15 @@
 // lanes, so row reductions are three xor-shuffles. Accumulators (O, dQ, dK, dV) are 4 rows x
 // HD / 8 columns per thread, column chunks of CW consecutive columns (see col_of).
 //
-// Arithmetic: tiles are converted to fp32 in shared memory (rows padded by 4 floats, which
+// Two implementations share this contract: the CUDA-core kernels just below (`*_hd*`,
+// fp32 arithmetic; `PWSELF_ATTENTION=simt`) and the tensor-core kernels at the end of the
+// file (`*_tc_hd*`, the default), whose own comment says how they differ.
+//
+// Arithmetic (CUDA-core kernels): tiles are converted to fp32 in shared memory (rows padded by 4 floats, which
 // keeps float4 alignment and spreads consecutive rows over the banks); products are plain
 // fp32 FMA loops, exponentials base 2 with log2(e) folded into the scale. The two inner
 // products, dot_tile (rows . rows over the head dim) and acc_tile (weights x rows, over the
-// streamed rows), are the only places that touch the math: a tensor-core version replaces
-// them (and keeps the tiles in bf16) without changing the grid, the tiling or the softmax.
+// streamed rows), are the only places that touch the math.
 //
 // Alignment: every bf16 row is read with 16-byte loads, which needs HD % 8 == 0 (HD is 16,
 // 32 or 64, so D and 3D are multiples of 8 too) and 16-byte aligned buffers (the launchers

@@ -19,6 +19,12 @@
 //! backward is two launches, dQ (which also writes the row sums `D_i = dO_i . O_i` to a
 //! pool scratch) then dK/dV, with no atomics, so results repeat bit for bit.
 //!
+//! Two variants ([`Variant`]): the tensor-core kernels (`mma.sync`, bf16 operands, fp32
+//! accumulation; the default), which round the probabilities and `dS` to bf16 before their
+//! products as FlashAttention does, and the CUDA-core kernels (fp32 products;
+//! `PWSELF_ATTENTION=simt`). On an H200 the tensor-core kernels ran 2.2 to 4.3 times faster
+//! (bench/results/2026-11-26-gpu-H200-summary.md). `check-kernels` checks both.
+//!
 //! Accuracy: `D_i` comes from the bf16 `out` (as in FlashAttention), where the twin's
 //! `rowsum(P * dP)` uses the exact output; that moves `dq` and `dk` by up to about 2e-3 of
 //! their largest element, an absolute error that the checks judge against the gradient's
