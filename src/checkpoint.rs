@@ -117,6 +117,39 @@ fn checksum_of(data: &[u8], meta: &HashMap<String, String>) -> u32 {
     h.finalize()
 }
 
+/// Rewrites a safetensors JSON header in place with every object's keys sorted, padded with
+/// spaces to its length: the encoder writes the metadata from a `HashMap`, whose order
+/// changes from process to process, and the same training state must make the same file
+/// byte for byte. The tensors' offsets do not depend on the header's order.
+fn sort_header(header: &mut [u8]) -> std::result::Result<(), String> {
+    fn sorted(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let ordered: std::collections::BTreeMap<String, serde_json::Value> =
+                    map.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                serde_json::Value::Object(ordered.into_iter().collect())
+            }
+            other => other,
+        }
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("header is not JSON ({e})"))?;
+    let value = sorted(value);
+    // With serde_json's preserve_order feature the map keeps this insertion order; without
+    // it the map is a BTreeMap: sorted either way.
+    let text = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    if text.len() > header.len() {
+        return Err(format!(
+            "sorted header is {} bytes, the encoder's {}",
+            text.len(),
+            header.len()
+        ));
+    }
+    header[..text.len()].copy_from_slice(&text);
+    header[text.len()..].fill(b' ');
+    Ok(())
+}
+
 /// The length of the JSON header of safetensors `bytes` (after the 8-byte length), if the
 /// file is long enough to hold it.
 fn header_len(bytes: &[u8]) -> Option<usize> {
@@ -192,9 +225,11 @@ pub fn encode(
     .collect();
     let mut bytes = safetensors::serialize(views, Some(meta.clone()))
         .map_err(|e| Error::bad_file(path, format!("cannot encode the checkpoint: {e}")))?;
-    // The checksum covers the data section, laid out only now: patch it into the header.
     let n =
         header_len(&bytes).ok_or_else(|| Error::bad_file(path, "the encoder wrote no header"))?;
+    sort_header(&mut bytes[8..8 + n])
+        .map_err(|e| Error::bad_file(path, format!("cannot encode the checkpoint: {e}")))?;
+    // The checksum covers the data section, laid out only now: patch it into the header.
     let crc = checksum_of(&bytes[8 + n..], &meta);
     let needle = format!("\"{CHECKSUM_KEY}\":\"{CHECKSUM_PLACEHOLDER}\"");
     let at = bytes[8..8 + n]
@@ -658,6 +693,22 @@ fn file_id(_: &Path) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sorted_header_keeps_its_length_and_its_meaning() {
+        let original = br#"{"__metadata__":{"z":"1","a":"2"},"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}   "#;
+        let mut header = original.to_vec();
+        sort_header(&mut header).unwrap();
+        assert_eq!(header.len(), original.len());
+        let text = std::str::from_utf8(&header).unwrap();
+        assert!(
+            text.starts_with(r#"{"__metadata__":{"a":"2","z":"1"},"w":{"#),
+            "{text}"
+        );
+        let a: serde_json::Value = serde_json::from_slice(original).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&header).unwrap();
+        assert_eq!(a, b);
+    }
+
     use super::*;
 
     fn table() -> ParamTable {
@@ -682,6 +733,19 @@ mod tests {
             center_rows: 2,
             step: 12,
             epoch: 1,
+        }
+    }
+
+    #[test]
+    fn the_same_state_encodes_to_the_same_bytes() {
+        // Each HashMap draws its own hash seed, so without the sorted header the metadata's
+        // order (and the file) would change from one encoding to the next.
+        let t = table();
+        let s = state(&t);
+        let p = Path::new("x.safetensors");
+        let first = encode(p, &t, 5, &s, "{\"x\":1}").unwrap();
+        for _ in 0..8 {
+            assert_eq!(encode(p, &t, 5, &s, "{\"x\":1}").unwrap(), first);
         }
     }
 
