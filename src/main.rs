@@ -22,7 +22,7 @@ use pwself_engine::views::args::{Switch, ViewArgs};
 use pwself_engine::views::batch::{LoaderPlan, ViewBuilder, ViewLoader};
 use pwself_engine::views::config::parse_pair;
 use pwself_engine::views::crop::{parse_crop_arg, CropRecord};
-use pwself_engine::views::matching::{match_patches, MatchRule};
+use pwself_engine::views::matching::{check_grid, match_patches, MatchRule};
 use pwself_engine::viz::{draw_matches, ViewPicture};
 
 #[derive(Parser)]
@@ -559,7 +559,11 @@ fn match_cmd(args: &MatchArgs) -> Result<()> {
     let b2 = parse_crop_arg(&args.box2, "--box2")?;
     b1.check_inside(h, w, "--box1")?;
     b2.check_inside(h, w, "--box2")?;
-    let (g1, g2) = ((s1 / args.patch) as u32, (s2 / args.patch) as u32);
+    // Grids past u32 saturate, and check_grid refuses them with the rest of the too-large.
+    let grid = |s: usize| u32::try_from(s / args.patch).unwrap_or(u32::MAX);
+    let (g1, g2) = (grid(s1), grid(s2));
+    check_grid(g1, "--view-sides")?;
+    check_grid(g2, "--view-sides")?;
     let m = match_patches(&b1, g1, &b2, g2, args.rule);
     if args.json {
         println!(

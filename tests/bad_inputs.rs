@@ -1024,4 +1024,22 @@ fn command_line_values_out_of_range() {
         ],
         &["--patch", "at least 1"],
     );
+    // Found by the matching fuzz target: 65,536 patches per side overflowed the u32 token
+    // number (a silent wrong answer in release builds).
+    cli_refused(
+        &[
+            "match",
+            "--image",
+            "65536x65536",
+            "--patch",
+            "1",
+            "--view-sides",
+            "65536,1",
+            "--box1",
+            "0,0,65536,65536",
+            "--box2",
+            "65535,65535,1,1",
+        ],
+        &["--view-sides", "65536 patches per side", "larger patch"],
+    );
 }

@@ -182,19 +182,25 @@ impl ViewConfig {
                         "a view side of 0 pixels holds no patch: pass a positive multiple of \
                          the patch size {p} (e.g. {}), or set views.{name}_views \
                          (--{name}-views) to 0 to make no {name} views",
-                        if name == "global" { 7 * p } else { 3 * p }
+                        // A huge patch size (from a TOML file or the command line) must
+                        // not overflow the example: fall back to the patch size itself.
+                        p.checked_mul(if name == "global" { 7 } else { 3 })
+                            .unwrap_or(p)
                     ),
                 ));
             }
             if fam.side % p != 0 {
                 let down = fam.side / p * p;
+                // The next multiple up may not exist near usize::MAX: name only the one below.
+                let such_as = match down.checked_add(p) {
+                    Some(up) if down > 0 => format!("{down} or {up}"),
+                    _ => format!("{}", down.max(p)),
+                };
                 return Err(Error::bad_config(
                     format!("views.{name}_side (--view-sides)"),
                     format!(
-                        "view side {} is not divisible by the patch size {p}; use a multiple of {p} such as {} or {}",
+                        "view side {} is not divisible by the patch size {p}; use a multiple of {p} such as {such_as}",
                         fam.side,
-                        down.max(p),
-                        down + p
                     ),
                 ));
             }
@@ -305,6 +311,40 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(
             e.contains("views.global_side") && e.contains("0 pixels"),
+            "{e}"
+        );
+    }
+
+    /// Found with the config fuzz target (fuzz/fuzz_targets/config.rs) on a hand-written
+    /// input: a huge patch size with a view side of 0 overflowed `7 * patch` while writing
+    /// the error (a panic with overflow checks, a wrong number without), and a side near
+    /// usize::MAX not divisible by the patch overflowed `down + patch`.
+    #[test]
+    fn huge_patch_or_side_is_refused_without_overflow() {
+        let mut c = ViewConfig::preset(Preset::Small28);
+        c.patch_size = 9_223_372_036_854_775_807; // i64::MAX, the largest TOML integer
+        c.global.side = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("views.global_side") && e.contains("e.g. 9223372036854775807"),
+            "{e}"
+        );
+        let mut c = ViewConfig::preset(Preset::Small28);
+        c.patch_size = 7_000_000_000_000_000_000; // 3 * this > u64::MAX
+        c.global.side = c.patch_size;
+        c.local.side = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("views.local_side") && e.contains("e.g. 7000000000000000000"),
+            "{e}"
+        );
+        let mut c = ViewConfig::preset(Preset::Small28);
+        c.patch_size = 2;
+        c.global.side = usize::MAX;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("not divisible by the patch size 2")
+                && e.contains(&format!("such as {}", usize::MAX - 1)),
             "{e}"
         );
     }

@@ -65,8 +65,33 @@ impl Matches {
     }
 }
 
+/// The most patches per side a view may have here: token `1 + row * P + col` of a
+/// `P x P` grid must fit the `u32` of [`Matches`], so `P * P <= u32::MAX`. The trainer's
+/// views stay far below ([`crate::views::config::MAX_GRID`]); `pwself-engine match` takes
+/// any `--view-sides`, so it must check with [`check_grid`].
+pub const MAX_MATCH_GRID: u32 = 65_535;
+
+/// Refuses a grid of more than [`MAX_MATCH_GRID`] patches per side; `field` names the
+/// setting in the error.
+pub fn check_grid(grid: u32, field: &str) -> Result<()> {
+    if grid > MAX_MATCH_GRID {
+        return Err(Error::bad_config(
+            field,
+            format!(
+                "{grid} patches per side is more than the {MAX_MATCH_GRID} whose token \
+                 indices fit 32 bits: use a smaller view side or a larger patch"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The matched tokens of two views of one source image.
 /// `grid_a` / `grid_b` are the patches per side of each view (`side / patch_size`).
+///
+/// # Panics
+/// If a grid exceeds [`MAX_MATCH_GRID`] (its token indices would not fit a `u32`); check
+/// user-given grids with [`check_grid`] first.
 pub fn match_patches(
     a: &CropRecord,
     grid_a: u32,
@@ -74,6 +99,11 @@ pub fn match_patches(
     grid_b: u32,
     rule: MatchRule,
 ) -> Matches {
+    assert!(
+        grid_a <= MAX_MATCH_GRID && grid_b <= MAX_MATCH_GRID,
+        "match_patches: grids {grid_a} and {grid_b} must be at most {MAX_MATCH_GRID} \
+         patches per side (check them with check_grid)"
+    );
     let top = a.top.max(b.top);
     let bottom = a.bottom().min(b.bottom());
     let left = a.left.max(b.left);
@@ -238,6 +268,9 @@ pub fn batch_matches(
             ),
         ));
     }
+    for (v, &g) in grids.iter().enumerate() {
+        check_grid(g, &format!("views (grid of view {v})"))?;
+    }
     let mut pairs = Vec::with_capacity(n_global * crops.len().saturating_sub(1));
     for i in 0..n_global {
         for j in (0..crops.len()).filter(|&j| j != i) {
@@ -250,4 +283,59 @@ pub fn batch_matches(
         }
     }
     Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crop(top: u32, left: u32, height: u32, width: u32) -> CropRecord {
+        CropRecord {
+            top,
+            left,
+            height,
+            width,
+            flipped: false,
+        }
+    }
+
+    /// Found by fuzz/fuzz_targets/matching.rs: with 65536 patches per side the last
+    /// token, 1 + 65535 * 65536 + 65535 = 2^32, overflowed (a panic in debug builds, token 0,
+    /// the CLS index, in release). The largest allowed grid's last token is 65535^2.
+    #[test]
+    fn largest_grid_numbers_its_last_patch_exactly() {
+        let g = MAX_MATCH_GRID;
+        let whole = crop(0, 0, g, g);
+        let corner = crop(g - 1, g - 1, 1, 1);
+        for rule in [MatchRule::Paper, MatchRule::Official] {
+            let m = match_patches(&whole, g, &corner, 1, rule);
+            assert_eq!(m.first, vec![0, 65_535 * 65_535], "{rule:?}");
+            assert_eq!(m.second, vec![0, 1], "{rule:?}");
+        }
+        assert!(check_grid(g, "--view-sides").is_ok());
+        let e = check_grid(g + 1, "--view-sides").unwrap_err().to_string();
+        assert!(e.contains("--view-sides") && e.contains("65536"), "{e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 65535")]
+    fn grid_beyond_the_token_range_panics_with_a_message() {
+        let big = MAX_MATCH_GRID + 1;
+        match_patches(
+            &crop(0, 0, big, big),
+            big,
+            &crop(big - 1, big - 1, 1, 1),
+            1,
+            MatchRule::Paper,
+        );
+    }
+
+    #[test]
+    fn batch_matches_refuses_a_grid_beyond_the_token_range() {
+        let c = crop(0, 0, 8, 8);
+        let e = batch_matches(&[c, c], &[4, MAX_MATCH_GRID + 1], 1, MatchRule::Paper)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grid of view 1"), "{e}");
+    }
 }
