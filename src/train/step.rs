@@ -141,6 +141,10 @@ pub struct StepRunner {
     t_head: HeadActs,
     s_acts: [BackboneActs; 2],
     s_head: HeadActs,
+    /// The loss gradient w.r.t. the student logits, (rows, K), kept between steps: at
+    /// K = 65,536 it is hundreds of MB, which the allocator would otherwise map, fault in
+    /// and zero afresh every step. `matched_ce` writes every element.
+    dlogits: Vec<f32>,
     /// Test-only NaN injection (see [`NanFaults`]); empty in normal runs.
     pub faults: NanFaults,
 }
@@ -239,6 +243,7 @@ impl StepRunner {
             t_head: HeadActs::default(),
             s_acts: [BackboneActs::default(), BackboneActs::default()],
             s_head: HeadActs::default(),
+            dlogits: Vec::new(),
             faults: NanFaults::default(),
         }
     }
@@ -362,7 +367,8 @@ impl StepRunner {
             classes: k,
             temperature: stats.teacher_temp,
         };
-        let mut dlogits = vec![0.0f32; rows * k];
+        let mut dlogits = std::mem::take(&mut self.dlogits);
+        dlogits.resize(rows * k, 0.0); // capacity kept between steps; every element rewritten
         stats.loss = pwself_loss(
             &layout,
             self.loss.kind,
@@ -384,6 +390,7 @@ impl StepRunner {
             &dlogits,
             &mut dgathered,
         );
+        self.dlogits = dlogits;
         let mut dtokens = [
             vec![0.0f32; self.s_acts[0].out.len()],
             vec![0.0f32; self.s_acts[1].out.len()],
