@@ -26,11 +26,13 @@
 //!   (2048/2048/256, K = 65536), batch 8 by default, on 32 Fashion-MNIST images upscaled to
 //!   256x256x3 (the step's cost does not depend on image content).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, Criterion, Throughput};
-use pwself_engine::data::{default_pack, Pack, PackWriter, Split};
+use pwself_engine::data::{default_pack, Split};
 use pwself_engine::model::config::{Arch, HeadConfig};
 use pwself_engine::model::vit::Network;
 use pwself_engine::optim::ClipMode;
@@ -155,26 +157,6 @@ mod step_timer {
         a
     }
 
-    /// 32 Fashion-MNIST images upscaled (nearest) to 256x256x3 (as benches/views.rs).
-    fn rgb256_pack(dir: &std::path::Path) -> Pack {
-        let src = default_pack(Split::Train).expect("embedded pack");
-        let path = dir.join("rgb256.pwpack");
-        let mut w = PackWriter::create(&path, 256, 256, 3, src.class_names()).expect("create pack");
-        for i in 0..32 {
-            let img = src.image(i);
-            let mut out = Vec::with_capacity(256 * 256 * 3);
-            for y in 0..256 {
-                for x in 0..256 {
-                    let v = img[(y * 28 / 256) * 28 + x * 28 / 256];
-                    out.extend_from_slice(&[v, v / 2 + 64, 255 - v]);
-                }
-            }
-            w.push(&out, src.label(i)).expect("push");
-        }
-        w.finish().expect("finish");
-        Pack::open(&path).expect("open")
-    }
-
     /// User + system CPU time of this process (all threads), in ms (clock ticks of 10 ms).
     fn process_cpu_ms() -> f64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -226,7 +208,7 @@ mod step_timer {
                 cfg.views.preset = Some(Preset::Paper224);
                 cfg.views.local_views = None; // the preset's 8 (the default job sets 6)
                 cfg.head = HeadConfig::dino(65536);
-                (rgb256_pack(dir.path()), 8)
+                (common::rgb256_pack(dir.path()), 8)
             }
             other => panic!("--config {other}: use small28 or tiny224"),
         };
