@@ -250,6 +250,19 @@ extern "C" __global__ void residual_layernorm_forward(bf16* __restrict__ x, bf16
     }
 }
 
+// The end of both layernorm backward kernels: after every warp has written its [2][d] sums
+// to shared memory, the block's partials (dw then db) are their sum in warp order.
+static __device__ __forceinline__ void ln_block_partials(const float* part, float* __restrict__ partials, int d) {
+    const int warps = blockDim.x >> 5;
+    __syncthreads();
+    float* out = partials + (int64_t)blockIdx.x * 2 * d;
+    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) {
+        float acc = 0.0f;
+        for (int v = 0; v < warps; v++) acc += part[(size_t)v * 2 * d + k];
+        out[k] = acc;
+    }
+}
+
 // Backward of layernorm_forward. With xhat = (x - mean) * rstd and g = dy * w:
 // dx += rstd * (g - mean(g) - xhat * mean(g * xhat)) (bf16, accumulated), and this block's
 // share of dw = sum dy * xhat and db = sum dy written to partials[block] = (dw[0..d],
@@ -296,13 +309,7 @@ extern "C" __global__ void layernorm_backward(bf16* __restrict__ dx, float* __re
             db_part[k] += dyk;
         }
     }
-    __syncthreads();
-    float* out = partials + (int64_t)blockIdx.x * 2 * d;
-    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) {
-        float acc = 0.0f;
-        for (int v = 0; v < warps; v++) acc += part[(size_t)v * 2 * d + k];
-        out[k] = acc;
-    }
+    ln_block_partials(part, partials, d);
 }
 
 // The same contract as layernorm_backward (same partials layout, grid and shared memory),
@@ -406,13 +413,7 @@ static __device__ __forceinline__ void layernorm_backward_rows(
             }
         }
     }
-    __syncthreads();
-    float* out = partials + (int64_t)blockIdx.x * 2 * d;
-    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) {
-        float acc = 0.0f;
-        for (int v = 0; v < warps; v++) acc += part[(size_t)v * 2 * d + k];
-        out[k] = acc;
-    }
+    ln_block_partials(part, partials, d);
 }
 
 // One kernel per V = ceil(d / 128) (1..LNV_MAX = 6, so d <= 768), so that each gets the
