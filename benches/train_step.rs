@@ -192,8 +192,7 @@ mod step_timer {
 
     pub fn run() {
         let a = parse();
-        // matrixmultiply reads this once, at the first GEMM; rayon's pool is sized here.
-        std::env::set_var("MATMUL_NUM_THREADS", a.threads.min(4).to_string());
+        // rayon's pool runs every kernel, GEMMs included.
         rayon::ThreadPoolBuilder::new()
             .num_threads(a.threads)
             .build_global()

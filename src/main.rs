@@ -260,7 +260,7 @@ fn main() {
     }
 }
 
-/// Sizes the rayon pool and matrixmultiply's GEMM threads (read once, at the first GEMM).
+/// Sizes the rayon pool, which runs every CPU kernel, GEMMs included.
 fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(t) = threads {
         if t == 0 {
@@ -268,7 +268,6 @@ fn set_threads(threads: Option<usize>) -> Result<()> {
                 "run.threads (--threads): is 0: pass at least 1, or leave it out to use every core"
             );
         }
-        std::env::set_var("MATMUL_NUM_THREADS", t.min(4).to_string());
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global()

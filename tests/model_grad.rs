@@ -109,10 +109,61 @@ impl Problem {
             self.net.head_forward(p, &last, &acts.out, rows, &mut h);
             let mut dtokens = vec![0.0; acts.out.len()];
             self.net
-                .head_backward(p, &mut g, &last, &h, &acts.out, r, &mut dtokens);
-            self.net.backbone_backward(p, &mut g, &acts, &dtokens);
+                .head_backward(p, &mut g, &last, &mut h, &acts.out, r, &mut dtokens);
+            self.net.backbone_backward(p, &mut g, &mut acts, &dtokens);
         }
         g
+    }
+}
+
+/// The training step reuses its activation and scratch buffers from call to call and skips
+/// zeroing those that a kernel overwrites. Running the global views, the (smaller) local
+/// views, then the global views again through one `BackboneActs` and one `HeadActs` must
+/// give the same tokens, logits and gradients, bit for bit, as fresh buffers: a kernel
+/// that left any element of a reused buffer unwritten would carry the last call's values.
+#[test]
+fn reused_buffers_give_the_bits_of_fresh_ones() {
+    let pb = Problem::new();
+    let p = pb.net.init(9);
+    let last = pb.net.last_layer(&p);
+    let pass = |acts: &mut BackboneActs, h: &mut HeadActs, global: bool| {
+        let (images, side, r, call) = if global {
+            (&pb.images_g, 6, &pb.r_g, 0)
+        } else {
+            (&pb.images_l, 4, &pb.r_l, 1)
+        };
+        pb.net
+            .backbone_forward(&p, images, B, side, Problem::drop(call), acts);
+        let rows = B * acts.tokens;
+        pb.net.head_forward(&p, &last, &acts.out, rows, h);
+        let mut g = vec![0.0; p.len()];
+        let mut dtokens = vec![0.0; acts.out.len()];
+        pb.net
+            .head_backward(&p, &mut g, &last, h, &acts.out, r, &mut dtokens);
+        pb.net.backbone_backward(&p, &mut g, acts, &dtokens);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        (bits(&acts.out), bits(&h.logits), bits(&g))
+    };
+    let (mut acts, mut h) = (BackboneActs::default(), HeadActs::default());
+    for (i, global) in [true, false, true].into_iter().enumerate() {
+        let reused = pass(&mut acts, &mut h, global);
+        let fresh = pass(
+            &mut BackboneActs::default(),
+            &mut HeadActs::default(),
+            global,
+        );
+        assert!(
+            reused.0 == fresh.0,
+            "call {i}: tokens differ from fresh buffers"
+        );
+        assert!(
+            reused.1 == fresh.1,
+            "call {i}: logits differ from fresh buffers"
+        );
+        assert!(
+            reused.2 == fresh.2,
+            "call {i}: gradients differ from fresh buffers"
+        );
     }
 }
 

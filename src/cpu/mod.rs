@@ -17,14 +17,15 @@
 //!   but every reduction runs in a fixed order (a parameter gradient sums rows in index
 //!   order, in parallel only across columns).
 //!
-//! GEMMs go through `matrixmultiply::sgemm` (see [`gemm`]). Its `threading` feature runs
-//! on its own pool (crate `thread-tree`), sized once per process by the environment
-//! variable `MATMUL_NUM_THREADS` (1..=4; default: the number of physical cores), not by
-//! rayon. It only splits the two loops over output blocks (its "loop 3" over rows of C and
-//! "loop 2" over columns of C); the loop over the shared dimension `k` stays sequential,
-//! so every output element is computed by one thread in one order and results do not
-//! depend on the thread count. `tests/cpu_kernels.rs` checks this bit for bit by running a
-//! GEMM large enough to split under `MATMUL_NUM_THREADS=1` and `=4`.
+//! GEMMs go through `matrixmultiply::sgemm` (see [`gemm`]), single-threaded per call, and
+//! [`gemm`] shares a product among rayon tasks itself: blocks of rows or columns of `C`,
+//! or, for a small `C` summed over many rows (the weight gradients), fixed blocks of the
+//! shared dimension whose partial products are added in order. The blocks follow from the
+//! shape alone, so results do not depend on the thread count; `tests/cpu_kernels.rs`
+//! checks each split against one unsplit call and across pool sizes. (matrixmultiply's own
+//! `threading` pool is not used: it synchronises once per 256-deep slice of `k`, which
+//! left the second core idle on the weight gradients, and it would be a second pool beside
+//! rayon's.)
 
 pub mod attention;
 pub mod drop_path;
@@ -33,6 +34,8 @@ pub mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod patch_embed;
+
+use rayon::prelude::*;
 
 /// Sets every element of `buf` to zero (gradient buffers before a backward pass).
 pub fn zero(buf: &mut [f32]) {
@@ -56,10 +59,73 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
-/// `C = alpha * A B + beta * C` on strided f32 matrices (bounds-checked wrapper over
-/// `matrixmultiply::sgemm`); `A` is `(m, k)` with strides `(rsa, csa)`, `B` is `(k, n)`,
-/// `C` is `(m, n)`. A transpose is a swap of strides. With `beta == 0`, `C` is overwritten
-/// and its old contents (even NaN) are ignored.
+/// Rows (or columns) of `C` per task when [`gemm`] splits `C` among rayon tasks, at least.
+/// Each task packs the other operand afresh, so a block must be tall enough for that
+/// packing to be small beside its arithmetic (about 5% at 512).
+const SPLIT_BLOCK: usize = 512;
+
+/// Rows of the shared dimension per partial product when [`gemm`] splits `k` (a small `C`
+/// summed over many rows: the weight gradients).
+const K_BLOCK: usize = 1024;
+
+thread_local! {
+    /// The partial products of [`gemm`]'s split over `k`, per calling thread.
+    static K_PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Below this many multiply-adds, [`gemm`] runs one call on the calling thread.
+const SPLIT_MIN_WORK: usize = 1 << 20;
+
+/// At most this many tasks per split, so a huge matrix gets larger blocks, not more tasks.
+const MAX_TASKS: usize = 64;
+
+/// How [`gemm`] shares one product among rayon tasks. Chosen from the shape alone, never
+/// from the thread count, so the arithmetic (and the result) is the same on any pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Split {
+    /// One call.
+    None,
+    /// Blocks of this many rows of `C` (and `A`); each element is computed as unsplit.
+    Rows(usize),
+    /// Blocks of this many columns of `C` (and `B`); each element is computed as unsplit.
+    Cols(usize),
+    /// Partial products over blocks of this many rows of `B` (columns of `A`), added into
+    /// `C` in block order.
+    K(usize),
+}
+
+/// Rounds `dim / MAX_TASKS` up to a multiple of 64 and takes at least [`SPLIT_BLOCK`].
+fn block_for(dim: usize, min: usize) -> usize {
+    dim.div_ceil(MAX_TASKS).next_multiple_of(64).max(min)
+}
+
+/// The split [`gemm`] uses for an `(m, k) @ (k, n)` product: the larger side of `C` when
+/// it makes at least two blocks (the other operand is the one repacked per block, so it is
+/// the smaller), else the shared dimension (weight gradients: `C` is `(out, in)` and `k`
+/// is the number of tokens).
+pub(crate) fn split_for(m: usize, k: usize, n: usize) -> Split {
+    if m.saturating_mul(n).saturating_mul(k) < SPLIT_MIN_WORK {
+        Split::None
+    } else if m >= n && m >= 2 * SPLIT_BLOCK {
+        Split::Rows(block_for(m, SPLIT_BLOCK))
+    } else if n > m && n >= 2 * SPLIT_BLOCK {
+        Split::Cols(block_for(n, SPLIT_BLOCK))
+    } else if k >= 2 * K_BLOCK {
+        Split::K(block_for(k, K_BLOCK))
+    } else {
+        Split::None
+    }
+}
+
+/// `C = alpha * A B + beta * C` on strided f32 matrices; `A` is `(m, k)` with strides
+/// `(rsa, csa)`, `B` is `(k, n)`, `C` is `(m, n)`. A transpose is a swap of strides. With
+/// `beta == 0`, `C` is overwritten and its old contents (even NaN) are ignored.
+///
+/// Bounds-checked, and parallel on the rayon pool: `C` is cut into blocks of rows or of
+/// columns (which leaves every element's arithmetic as in one call), or, for a small `C`
+/// over a long `k`, `k` is cut into fixed blocks whose products are added in order (see
+/// [`split_for`]). The cut depends on the shape only, so results do not depend on the
+/// number of threads.
 // (m, k) @ (k, n) -> (m, n)
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
@@ -80,27 +146,126 @@ pub(crate) fn gemm(
         assert!(extent(k, n, rsb, csb) <= b.len(), "gemm: B out of bounds");
     }
     assert!(extent(m, n, rsc, csc) <= c.len(), "gemm: C out of bounds");
-    // SAFETY: the asserts above keep every element sgemm reads or writes inside the
-    // slices; `c` is borrowed mutably, so it cannot alias `a` or `b`.
-    unsafe {
-        gemm_raw(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            (rsa, csa),
-            b.as_ptr(),
-            (rsb, csb),
-            beta,
-            c.as_mut_ptr(),
-            (rsc, csc),
-        );
+    let split = split_for(m, k, n);
+    let (pa, pb, pc) = (ConstPtr(a.as_ptr()), ConstPtr(b.as_ptr()), SendPtr::new(c));
+    // SAFETY (every call below): the asserts above keep every element addressed by the
+    // full shapes inside the slices, and each block addresses a subset of them; `c` is
+    // borrowed mutably, so it cannot alias `a` or `b`; the blocks of `C` written by
+    // different tasks are disjoint (row or column ranges), and the K split writes `C` from
+    // one task only.
+    match split {
+        Split::None => unsafe {
+            gemm_raw(
+                m,
+                k,
+                n,
+                alpha,
+                pa.get(),
+                (rsa, csa),
+                pb.get(),
+                (rsb, csb),
+                beta,
+                pc.get(),
+                (rsc, csc),
+            );
+        },
+        Split::Rows(block) => {
+            (0..m.div_ceil(block)).into_par_iter().for_each(|i| {
+                let (r0, rows) = (i * block, block.min(m - i * block));
+                unsafe {
+                    gemm_raw(
+                        rows,
+                        k,
+                        n,
+                        alpha,
+                        pa.get().add(r0 * rsa),
+                        (rsa, csa),
+                        pb.get(),
+                        (rsb, csb),
+                        beta,
+                        pc.get().add(r0 * rsc),
+                        (rsc, csc),
+                    );
+                }
+            });
+        }
+        Split::Cols(block) => {
+            (0..n.div_ceil(block)).into_par_iter().for_each(|j| {
+                let (c0, cols) = (j * block, block.min(n - j * block));
+                unsafe {
+                    gemm_raw(
+                        m,
+                        k,
+                        cols,
+                        alpha,
+                        pa.get(),
+                        (rsa, csa),
+                        pb.get().add(c0 * csb),
+                        (rsb, csb),
+                        beta,
+                        pc.get().add(c0 * csc),
+                        (rsc, csc),
+                    );
+                }
+            });
+        }
+        Split::K(block) => {
+            // Block 0 goes straight into C (with beta); blocks 1.. into dense partials,
+            // then added to C in block order. The partials live in this thread's buffer,
+            // kept for its capacity (a fresh allocation would be mapped and faulted in
+            // anew each call); a nested call on the same thread gets its own.
+            let blocks = k.div_ceil(block);
+            let len = (blocks - 1) * m * n;
+            let run = |partials: &mut [f32]| {
+                let pp = SendPtr::new(partials);
+                (0..blocks).into_par_iter().for_each(|p| {
+                    let (k0, len) = (p * block, block.min(k - p * block));
+                    let (a0, b0) = unsafe { (pa.get().add(k0 * csa), pb.get().add(k0 * rsb)) };
+                    let (beta, c, sc) = if p == 0 {
+                        (beta, pc.get(), (rsc, csc))
+                    } else {
+                        (0.0, unsafe { pp.get().add((p - 1) * m * n) }, (n, 1))
+                    };
+                    unsafe {
+                        gemm_raw(
+                            m,
+                            len,
+                            n,
+                            alpha,
+                            a0,
+                            (rsa, csa),
+                            b0,
+                            (rsb, csb),
+                            beta,
+                            c,
+                            sc,
+                        )
+                    };
+                });
+                // C rows in parallel; within an element, the partials in block order.
+                let partials = &*partials;
+                (0..m).into_par_iter().for_each(|i| {
+                    for part in partials.chunks_exact(m * n) {
+                        for (j, v) in part[i * n..(i + 1) * n].iter().enumerate() {
+                            // SAFETY: row i of C is written by this task only.
+                            unsafe { *pc.get().add(i * rsc + j * csc) += v };
+                        }
+                    }
+                });
+            };
+            K_PARTIALS.with(|buf| match buf.try_borrow_mut() {
+                Ok(mut partials) => {
+                    partials.resize(len, 0.0); // every element is written by its block
+                    run(&mut partials[..len]);
+                }
+                Err(_) => run(&mut vec![0.0; len]),
+            });
+        }
     }
 }
 
-/// Unchecked [`gemm`] on raw pointers, for kernels whose threads write disjoint strided
-/// blocks of one buffer (attention heads).
+/// Unchecked [`gemm`] on raw pointers, single-threaded, for kernels whose threads write
+/// disjoint strided blocks of one buffer (attention heads) and for [`gemm`]'s blocks.
 ///
 /// # Safety
 /// Every element addressed by the shapes and strides must be valid; the elements of `c`
@@ -108,6 +273,28 @@ pub(crate) fn gemm(
 // (m, k) @ (k, n) -> (m, n)
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_raw(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    sa: (usize, usize),
+    b: *const f32,
+    sb: (usize, usize),
+    beta: f32,
+    c: *mut f32,
+    sc: (usize, usize),
+) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe { sgemm(m, k, n, alpha, a, sa, b, sb, beta, c, sc) };
+}
+
+/// `matrixmultiply::sgemm` with `(row, column)` stride pairs.
+///
+/// # Safety
+/// As [`gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
     m: usize,
     k: usize,
     n: usize,
@@ -138,6 +325,22 @@ pub(crate) unsafe fn gemm_raw(
             rsc as isize,
             csc as isize,
         );
+    }
+}
+
+/// A read-only raw pointer that may cross threads (the operands of a split [`gemm`]).
+#[derive(Clone, Copy)]
+struct ConstPtr(*const f32);
+
+// SAFETY: ConstPtr is a plain address of data nobody writes while it is shared.
+unsafe impl Send for ConstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for ConstPtr {}
+
+impl ConstPtr {
+    /// The pointer; a method so that closures capture the whole `ConstPtr`.
+    fn get(self) -> *const f32 {
+        self.0
     }
 }
 
@@ -190,6 +393,113 @@ mod tests {
         let mut c = [f32::NAN];
         gemm(1, 2, 1, 1.0, &a, (2, 1), &b, (1, 1), 0.0, &mut c, (1, 1));
         assert_eq!(c[0], 11.0);
+    }
+
+    #[test]
+    fn split_follows_the_shape_of_each_training_gemm() {
+        // small28: forward (10,240 tokens, 64 -> 256), weight gradient (256, 64) over
+        // 10,240 tokens, an attention-sized product; tiny224: head logits (4,800 rows,
+        // 256 -> 65,536) and the last layer's weight gradient (65,536, 256) over 4,800 rows.
+        assert_eq!(split_for(10_240, 64, 256), Split::Rows(512));
+        assert_eq!(split_for(256, 10_240, 64), Split::K(1024));
+        assert_eq!(split_for(50, 32, 50), Split::None);
+        assert_eq!(split_for(4_800, 256, 65_536), Split::Cols(1024));
+        assert_eq!(split_for(65_536, 4_800, 256), Split::Rows(1024));
+        // Not enough of any dimension to make two blocks.
+        assert_eq!(split_for(600, 600, 600), Split::None);
+    }
+
+    /// Pseudo-random values in [-1, 1) (a fixed LCG; no dependency on the crate's rng).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// One plain matrixmultiply call on the operands as given (no split, no copies).
+    #[allow(clippy::too_many_arguments)]
+    fn plain(
+        (m, k, n): (usize, usize, usize),
+        a: &[f32],
+        sa: (usize, usize),
+        b: &[f32],
+        sb: (usize, usize),
+        c: &mut [f32],
+    ) {
+        // SAFETY: the callers pass shapes their buffers hold.
+        unsafe {
+            sgemm(
+                m,
+                k,
+                n,
+                1.5,
+                a.as_ptr(),
+                sa,
+                b.as_ptr(),
+                sb,
+                0.5,
+                c.as_mut_ptr(),
+                (n, 1),
+            )
+        };
+    }
+
+    #[test]
+    fn row_and_column_splits_are_bit_identical_to_one_call() {
+        // (m, k, n): the row split, the column split, no split; each with A stored by rows
+        // and by columns, B by rows and by columns, and C accumulated (beta = 0.5) from
+        // non-zero values.
+        for (m, k, n, want) in [
+            (1500, 40, 30, Split::Rows(512)),
+            (30, 40, 1500, Split::Cols(512)),
+            (60, 40, 50, Split::None),
+        ] {
+            assert_eq!(split_for(m, k, n), want);
+            let (a, b) = (values(m * k, 1), values(k * n, 2));
+            let c0 = values(m * n, 3);
+            for (sa, sb) in [
+                ((1, m), (n, 1)),
+                ((k, 1), (n, 1)),
+                ((1, m), (1, k)),
+                ((k, 1), (1, k)),
+            ] {
+                let mut ours = c0.clone();
+                gemm(m, k, n, 1.5, &a, sa, &b, sb, 0.5, &mut ours, (n, 1));
+                let mut one = c0.clone();
+                plain((m, k, n), &a, sa, &b, sb, &mut one);
+                assert!(
+                    ours.iter()
+                        .zip(&one)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{want:?}, A strides {sa:?}, B strides {sb:?}: differs from one sgemm call"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn k_split_sums_its_blocks_into_c_with_alpha_and_beta() {
+        let (m, k, n) = (24, 2500, 20);
+        assert_eq!(split_for(m, k, n), Split::K(1024));
+        let (a, b) = (values(m * k, 4), values(k * n, 5));
+        let c0 = values(m * n, 6);
+        let mut c = c0.clone();
+        gemm(m, k, n, -2.0, &a, (k, 1), &b, (n, 1), 0.25, &mut c, (n, 1));
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| f64::from(a[i * k + p]) * f64::from(b[p * n + j]))
+                    .sum();
+                let want = 0.25 * f64::from(c0[i * n + j]) - 2.0 * dot;
+                let got = f64::from(c[i * n + j]);
+                // 2,500 products of terms below 1: f32 rounding stays far below 1e-3.
+                assert!((got - want).abs() < 1e-3, "C[{i},{j}] = {got}, want {want}");
+            }
+        }
     }
 
     #[test]

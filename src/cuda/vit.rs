@@ -956,10 +956,10 @@ fn check_backward(gpu: &Gpu, inputs: &mut Inputs) -> Result<Vec<Outcome>> {
         let mut cpu_acts = BackboneActs::default();
         net.backbone_forward(&params, &images, batch, side, drop, &mut cpu_acts);
         let mut scale_run = vec![0.0f32; total];
-        net.backbone_backward(&params, &mut scale_run, &cpu_acts, &dout);
+        net.backbone_backward(&params, &mut scale_run, &mut cpu_acts, &dout);
         let start = check::start_gradients(&net.table, &scale_run, inputs);
         let mut cpu = start.clone();
-        net.backbone_backward(&params, &mut cpu, &cpu_acts, &dout);
+        net.backbone_backward(&params, &mut cpu, &mut cpu_acts, &dout);
 
         let acts = if bf16_images {
             let dev = gpu.pool().upload(&check::to_bf16(&images))?;

@@ -75,6 +75,27 @@ pub struct BackboneActs {
     norm_rstd: Vec<f32>,
     /// The output: `(B, T, D)` tokens after the final norm.
     pub out: Vec<f32>,
+    /// Buffers the forward and backward passes reuse from call to call, so that a training
+    /// step allocates (and the kernel faults in) nothing once the first step has run.
+    scratch: BackboneScratch,
+}
+
+/// Working buffers of [`Network::backbone_forward`] / [`Network::backbone_backward`] that
+/// backward does not read from the forward: kept only for their capacity.
+#[derive(Clone, Debug, Default)]
+struct BackboneScratch {
+    patches: Vec<f32>,
+    pos_view: Vec<f32>,
+    branch: Vec<f32>,
+    dx: Vec<f32>,
+    dbranch: Vec<f32>,
+    da: Vec<f32>,
+    dh: Vec<f32>,
+    dln: Vec<f32>,
+    datt: Vec<f32>,
+    dqkv: Vec<f32>,
+    dpatches: Vec<f32>,
+    dpos_view: Vec<f32>,
 }
 
 /// Stochastic depth for one backbone call: the masks are drawn from
@@ -107,11 +128,38 @@ pub struct HeadActs {
     zn: Vec<f32>,
     /// The output: `(R, K)` logits.
     pub logits: Vec<f32>,
+    /// Backward's working buffers, kept for their capacity (see [`BackboneScratch`]).
+    scratch: HeadScratch,
 }
 
+/// Working buffers of [`Network::head_backward`].
+#[derive(Clone, Debug, Default)]
+struct HeadScratch {
+    dzn: Vec<f32>,
+    dw_last: Vec<f32>,
+    dcur: Vec<f32>,
+    dnext: Vec<f32>,
+}
+
+/// Makes `buf` `n` zeros, reusing its allocation when it is large enough.
 fn resize(buf: &mut Vec<f32>, n: usize) {
     buf.clear();
     buf.resize(n, 0.0);
+}
+
+/// Makes `buf` `n` long for a kernel that writes every element: reuses the allocation and
+/// skips [`resize`]'s zeroing (the forward activations are hundreds of MB per step; the
+/// teacher's K-wide logits alone are 1.6 GB at ViT-Ti with K = 65,536). The contents are
+/// stale until that kernel runs; `tests/model_grad.rs` checks that reused buffers give
+/// the bits that fresh ones give.
+fn fit(buf: &mut Vec<f32>, n: usize) {
+    buf.resize(n, 0.0);
+}
+
+/// Makes `buf` a copy of `src`, reusing its allocation when it is large enough.
+fn copy_into(buf: &mut Vec<f32>, src: &[f32]) {
+    buf.clear();
+    buf.extend_from_slice(src);
 }
 
 /// Two disjoint mutable ranges of one buffer (`a` must end before `b` starts).
@@ -309,47 +357,61 @@ impl Network {
         (acts.batch, acts.grid, acts.tokens) = (batch, g, t);
 
         // Patch embedding: im2col, then a GEMM with the conv weight as (D, C*p*p).
-        resize(&mut acts.cols, batch * g * g * c * p * p);
-        im2col(&mut acts.cols, images, batch, c, side, p);
-        let mut patches = vec![0.0; batch * g * g * d];
+        let BackboneActs {
+            cols,
+            blocks,
+            x_final,
+            norm_mean,
+            norm_rstd,
+            out,
+            scratch,
+            ..
+        } = acts;
+        let BackboneScratch {
+            patches,
+            pos_view,
+            branch,
+            ..
+        } = scratch;
+        resize(cols, batch * g * g * c * p * p);
+        im2col(cols, images, batch, c, side, p);
+        resize(patches, batch * g * g * d);
         let (w, b) = self.wb(params, "patch_embed.proj");
-        linear_forward(
-            &mut patches,
-            &acts.cols,
-            w,
-            Some(b),
-            batch * g * g,
-            c * p * p,
-            d,
-        );
-        let mut pos_view = vec![0.0; t * d];
-        pos_embed_forward(
-            &mut pos_view,
-            &params[self.r("pos_embed")],
-            g,
-            v.ref_grid,
-            d,
-        );
-        let mut x = vec![0.0; n * d];
+        linear_forward(patches, cols, w, Some(b), batch * g * g, c * p * p, d);
+        resize(pos_view, t * d);
+        pos_embed_forward(pos_view, &params[self.r("pos_embed")], g, v.ref_grid, d);
+        blocks.resize_with(v.depth, BlockActs::default);
+        // The residual stream: block i's `x_in` is written by block i - 1 (block 0's here),
+        // the last block writes `x_final`.
+        let x0 = match blocks.first_mut() {
+            Some(first) => &mut first.x_in,
+            None => &mut *x_final,
+        };
+        resize(x0, n * d);
         add_cls_and_pos(
-            &mut x,
-            &patches,
+            x0,
+            patches,
             &params[self.r("cls_token")],
-            &pos_view,
+            pos_view,
             batch,
             g,
             d,
         );
+        fit(branch, n * d);
 
-        acts.blocks.resize_with(v.depth, BlockActs::default);
-        for (i, ba) in acts.blocks.iter_mut().enumerate() {
+        for i in 0..v.depth {
+            let (done, rest) = blocks.split_at_mut(i + 1);
+            let ba = &mut done[i];
+            let x_out = match rest.first_mut() {
+                Some(next) => &mut next.x_in,
+                None => &mut *x_final,
+            };
             let pre = format!("blocks.{i}");
             // Per-sample masks of the two residual branches (all ones without drop path).
             let [m_attn, m_mlp] = self.drop_path_masks(i, drop, batch);
-            ba.x_in = x;
-            resize(&mut ba.ln1, n * d);
-            resize(&mut ba.ln1_mean, n);
-            resize(&mut ba.ln1_rstd, n);
+            fit(&mut ba.ln1, n * d);
+            fit(&mut ba.ln1_mean, n);
+            fit(&mut ba.ln1_rstd, n);
             let (w, b) = self.wb(params, &format!("{pre}.norm1"));
             layernorm_forward(
                 &mut ba.ln1,
@@ -361,21 +423,20 @@ impl Network {
                 n,
                 d,
             );
-            resize(&mut ba.qkv, n * 3 * d);
+            fit(&mut ba.qkv, n * 3 * d);
             let (w, b) = self.wb(params, &format!("{pre}.attn.qkv"));
             linear_forward(&mut ba.qkv, &ba.ln1, w, Some(b), n, d, 3 * d);
-            resize(&mut ba.probs, batch * v.heads * t * t);
-            resize(&mut ba.att, n * d);
+            fit(&mut ba.probs, batch * v.heads * t * t);
+            fit(&mut ba.att, n * d);
             attention_forward(&mut ba.att, &mut ba.probs, &ba.qkv, batch, t, d, v.heads);
-            let mut branch = vec![0.0; n * d];
             let (w, b) = self.wb(params, &format!("{pre}.attn.proj"));
-            linear_forward(&mut branch, &ba.att, w, Some(b), n, d, d);
-            ba.x_mid = ba.x_in.clone();
-            residual_add_scaled(&mut ba.x_mid, &branch, &m_attn, batch, t * d);
+            linear_forward(branch, &ba.att, w, Some(b), n, d, d);
+            copy_into(&mut ba.x_mid, &ba.x_in);
+            residual_add_scaled(&mut ba.x_mid, branch, &m_attn, batch, t * d);
 
-            resize(&mut ba.ln2, n * d);
-            resize(&mut ba.ln2_mean, n);
-            resize(&mut ba.ln2_rstd, n);
+            fit(&mut ba.ln2, n * d);
+            fit(&mut ba.ln2_mean, n);
+            fit(&mut ba.ln2_rstd, n);
             let (w, b) = self.wb(params, &format!("{pre}.norm2"));
             layernorm_forward(
                 &mut ba.ln2,
@@ -388,55 +449,71 @@ impl Network {
                 d,
             );
             let hdim = v.mlp_dim();
-            resize(&mut ba.h, n * hdim);
+            fit(&mut ba.h, n * hdim);
             let (w, b) = self.wb(params, &format!("{pre}.mlp.fc1"));
             linear_forward(&mut ba.h, &ba.ln2, w, Some(b), n, d, hdim);
-            resize(&mut ba.a, n * hdim);
+            fit(&mut ba.a, n * hdim);
             gelu_forward(&mut ba.a, &ba.h);
             let (w, b) = self.wb(params, &format!("{pre}.mlp.fc2"));
-            linear_forward(&mut branch, &ba.a, w, Some(b), n, hdim, d);
-            x = ba.x_mid.clone();
-            residual_add_scaled(&mut x, &branch, &m_mlp, batch, t * d);
+            linear_forward(branch, &ba.a, w, Some(b), n, hdim, d);
+            copy_into(x_out, &ba.x_mid);
+            residual_add_scaled(x_out, branch, &m_mlp, batch, t * d);
             (ba.mask_attn, ba.mask_mlp) = (m_attn, m_mlp);
         }
-        acts.x_final = x;
-        resize(&mut acts.out, n * d);
-        resize(&mut acts.norm_mean, n);
-        resize(&mut acts.norm_rstd, n);
+        fit(out, n * d);
+        fit(norm_mean, n);
+        fit(norm_rstd, n);
         let (w, b) = self.wb(params, "norm");
-        layernorm_forward(
-            &mut acts.out,
-            &mut acts.norm_mean,
-            &mut acts.norm_rstd,
-            &acts.x_final,
-            w,
-            b,
-            n,
-            d,
-        );
+        layernorm_forward(out, norm_mean, norm_rstd, x_final, w, b, n, d);
     }
 
     /// Backbone backward: accumulates parameter gradients into `grads` given `dout`
-    /// `(B, T, D)`, the gradient w.r.t. `acts.out`.
+    /// `(B, T, D)`, the gradient w.r.t. `acts.out`. `acts` is mutable only for its working
+    /// buffers; what the forward saved is read, not changed.
     pub fn backbone_backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut BackboneActs,
+        dout: &[f32],
+    ) {
+        let mut scratch = std::mem::take(&mut acts.scratch);
+        self.backbone_backward_with(params, grads, acts, dout, &mut scratch);
+        acts.scratch = scratch;
+    }
+
+    fn backbone_backward_with(
         &self,
         params: &[f32],
         grads: &mut [f32],
         acts: &BackboneActs,
         dout: &[f32],
+        scratch: &mut BackboneScratch,
     ) {
         let v = &self.vit;
         let (d, p, c) = (v.embed_dim, v.patch, v.in_chans);
         let (batch, g, t) = (acts.batch, acts.grid, acts.tokens);
         let n = batch * t;
         let hdim = v.mlp_dim();
+        let BackboneScratch {
+            dx,
+            dbranch,
+            da,
+            dh,
+            dln,
+            datt,
+            dqkv,
+            dpatches,
+            dpos_view,
+            ..
+        } = scratch;
 
-        let mut dx = vec![0.0; n * d];
+        resize(dx, n * d);
         {
             let w = &params[self.r("norm.weight")];
             let (dw, db) = self.wb_mut(grads, "norm");
             layernorm_backward(
-                &mut dx,
+                dx,
                 dw,
                 db,
                 dout,
@@ -448,41 +525,42 @@ impl Network {
                 d,
             );
         }
-        let mut dbranch = vec![0.0; n * d];
-        let mut da = vec![0.0; n * hdim];
-        let mut dh = vec![0.0; n * hdim];
-        let mut dln = vec![0.0; n * d];
-        let mut datt = vec![0.0; n * d];
-        let mut dqkv = vec![0.0; n * 3 * d];
+        // Zeroed in the loop before each use.
+        fit(dbranch, n * d);
+        fit(da, n * hdim);
+        fit(dh, n * hdim);
+        fit(dln, n * d);
+        fit(datt, n * d);
+        fit(dqkv, n * 3 * d);
         for i in (0..v.depth).rev() {
             let ba = &acts.blocks[i];
             let pre = format!("blocks.{i}");
             // x_out = x_mid + m_mlp * fc2(gelu(fc1(ln2(x_mid)))); dx holds d x_out.
             dbranch.fill(0.0);
-            residual_add_scaled_backward(&mut dbranch, &dx, &ba.mask_mlp, batch, t * d);
+            residual_add_scaled_backward(dbranch, dx, &ba.mask_mlp, batch, t * d);
             da.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc2.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc2"));
-                linear_backward(Some(&mut da), dw, Some(db), &dbranch, &ba.a, w, n, hdim, d);
+                linear_backward(Some(da), dw, Some(db), dbranch, &ba.a, w, n, hdim, d);
             }
             dh.fill(0.0);
-            gelu_backward(&mut dh, &da, &ba.h);
+            gelu_backward(dh, da, &ba.h);
             dln.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc1.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc1"));
-                linear_backward(Some(&mut dln), dw, Some(db), &dh, &ba.ln2, w, n, d, hdim);
+                linear_backward(Some(dln), dw, Some(db), dh, &ba.ln2, w, n, d, hdim);
             }
             {
                 // dx becomes d x_mid: the residual path plus the norm's input gradient.
                 let w = &params[self.r(&format!("{pre}.norm2.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.norm2"));
                 layernorm_backward(
-                    &mut dx,
+                    dx,
                     dw,
                     db,
-                    &dln,
+                    dln,
                     &ba.x_mid,
                     &ba.ln2_mean,
                     &ba.ln2_rstd,
@@ -493,29 +571,29 @@ impl Network {
             }
             // x_mid = x_in + m_attn * proj(attention(qkv(ln1(x_in)))).
             dbranch.fill(0.0);
-            residual_add_scaled_backward(&mut dbranch, &dx, &ba.mask_attn, batch, t * d);
+            residual_add_scaled_backward(dbranch, dx, &ba.mask_attn, batch, t * d);
             datt.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.attn.proj.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.proj"));
-                linear_backward(Some(&mut datt), dw, Some(db), &dbranch, &ba.att, w, n, d, d);
+                linear_backward(Some(datt), dw, Some(db), dbranch, &ba.att, w, n, d, d);
             }
             dqkv.fill(0.0);
-            attention_backward(&mut dqkv, &datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
+            attention_backward(dqkv, datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
             dln.fill(0.0);
             {
                 let w = &params[self.r(&format!("{pre}.attn.qkv.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.qkv"));
-                linear_backward(Some(&mut dln), dw, Some(db), &dqkv, &ba.ln1, w, n, d, 3 * d);
+                linear_backward(Some(dln), dw, Some(db), dqkv, &ba.ln1, w, n, d, 3 * d);
             }
             {
                 let w = &params[self.r(&format!("{pre}.norm1.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.norm1"));
                 layernorm_backward(
-                    &mut dx,
+                    dx,
                     dw,
                     db,
-                    &dln,
+                    dln,
                     &ba.x_in,
                     &ba.ln1_mean,
                     &ba.ln1_rstd,
@@ -526,13 +604,13 @@ impl Network {
             }
         }
         // Tokens = [cls; patches] + pos_view.
-        let mut dpatches = vec![0.0; batch * g * g * d];
-        let mut dpos_view = vec![0.0; t * d];
+        resize(dpatches, batch * g * g * d);
+        resize(dpos_view, t * d);
         {
             let (dcls_r, dpos_r) = (self.r("cls_token"), self.r("pos_embed"));
             let dcls = &mut grads[dcls_r];
-            add_cls_and_pos_backward(&mut dpatches, dcls, &mut dpos_view, &dx, batch, g, d);
-            pos_embed_backward(&mut grads[dpos_r], &dpos_view, g, v.ref_grid, d);
+            add_cls_and_pos_backward(dpatches, dcls, dpos_view, dx, batch, g, d);
+            pos_embed_backward(&mut grads[dpos_r], dpos_view, g, v.ref_grid, d);
         }
         let w = &params[self.r("patch_embed.proj.weight")];
         let (dw, db) = self.wb_mut(grads, "patch_embed.proj");
@@ -540,7 +618,7 @@ impl Network {
             None,
             dw,
             Some(db),
-            &dpatches,
+            dpatches,
             &acts.cols,
             w,
             batch * g * g,
@@ -552,11 +630,16 @@ impl Network {
     /// The last layer's weight-normalised matrix for `params` (compute once per step and
     /// per network).
     pub fn last_layer(&self, params: &[f32]) -> LastLayer {
+        let mut l = LastLayer::default();
+        self.last_layer_into(params, &mut l);
+        l
+    }
+
+    /// [`Network::last_layer`] into `l`, reusing its buffers.
+    pub fn last_layer_into(&self, params: &[f32], l: &mut LastLayer) {
         let (k, db) = (self.head.out_dim, self.head.bottleneck);
-        let mut l = LastLayer {
-            w: vec![0.0; k * db],
-            row_norms: vec![0.0; k],
-        };
+        resize(&mut l.w, k * db);
+        resize(&mut l.row_norms, k);
         weight_norm_forward(
             &mut l.w,
             &mut l.row_norms,
@@ -564,7 +647,6 @@ impl Network {
             k,
             db,
         );
-        l
     }
 
     /// Head forward on `rows` token vectors `x` `(R, D)`; logits in `acts.logits` `(R, K)`.
@@ -584,20 +666,20 @@ impl Network {
             let (w, b) = self.wb(params, &format!("head.mlp.{}", 2 * i));
             let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
             let mut pre = std::mem::take(&mut acts.pre[i]);
-            resize(&mut pre, rows * d_out);
+            fit(&mut pre, rows * d_out);
             linear_forward(&mut pre, input, w, Some(b), rows, d_in, d_out);
             if i + 1 < dims.len() {
-                resize(&mut acts.post[i], rows * d_out);
+                fit(&mut acts.post[i], rows * d_out);
                 gelu_forward(&mut acts.post[i], &pre);
             }
             acts.pre[i] = pre;
         }
         let db = self.head.bottleneck;
-        acts.z = acts.pre[dims.len() - 1].clone();
-        resize(&mut acts.zn, rows * db);
+        copy_into(&mut acts.z, &acts.pre[dims.len() - 1]);
+        fit(&mut acts.zn, rows * db);
         resize(&mut acts.z_norms, rows);
         l2norm_forward(&mut acts.zn, &mut acts.z_norms, &acts.z, rows, db);
-        resize(&mut acts.logits, rows * self.head.out_dim);
+        fit(&mut acts.logits, rows * self.head.out_dim);
         linear_forward(
             &mut acts.logits,
             &acts.zn,
@@ -610,9 +692,26 @@ impl Network {
     }
 
     /// Head backward: accumulates parameter gradients into `grads` and the input gradient
-    /// into `dx` `(R, D)` given `dlogits` `(R, K)`.
+    /// into `dx` `(R, D)` given `dlogits` `(R, K)`. `acts` is mutable only for its working
+    /// buffers.
     #[allow(clippy::too_many_arguments)] // one buffer per operand, as every backward here
     pub fn head_backward(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        last: &LastLayer,
+        acts: &mut HeadActs,
+        x: &[f32],
+        dlogits: &[f32],
+        dx: &mut [f32],
+    ) {
+        let mut scratch = std::mem::take(&mut acts.scratch);
+        self.head_backward_with(params, grads, last, acts, x, dlogits, dx, &mut scratch);
+        acts.scratch = scratch;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn head_backward_with(
         &self,
         params: &[f32],
         grads: &mut [f32],
@@ -621,14 +720,21 @@ impl Network {
         x: &[f32],
         dlogits: &[f32],
         dx: &mut [f32],
+        scratch: &mut HeadScratch,
     ) {
         let dims = head_dims(&self.vit, &self.head);
         let (rows, db, k) = (acts.rows, self.head.bottleneck, self.head.out_dim);
-        let mut dzn = vec![0.0; rows * db];
-        let mut dw_last = vec![0.0; k * db];
+        let HeadScratch {
+            dzn,
+            dw_last,
+            dcur,
+            dnext,
+        } = scratch;
+        resize(dzn, rows * db);
+        resize(dw_last, k * db);
         linear_backward(
-            Some(&mut dzn),
-            &mut dw_last,
+            Some(dzn),
+            dw_last,
             None,
             dlogits,
             &acts.zn,
@@ -639,45 +745,39 @@ impl Network {
         );
         let v_range = self.r("head.last_layer.weight_v");
         let v = &params[v_range.clone()];
-        weight_norm_backward(&mut grads[v_range], &dw_last, v, &last.row_norms, k, db);
-        let mut dcur = vec![0.0; rows * db];
-        l2norm_backward(&mut dcur, &dzn, &acts.z, &acts.z_norms, rows, db);
+        weight_norm_backward(&mut grads[v_range], dw_last, v, &last.row_norms, k, db);
+        resize(dcur, rows * db);
+        l2norm_backward(dcur, dzn, &acts.z, &acts.z_norms, rows, db);
         for (i, &(d_in, d_out)) in dims.iter().enumerate().rev() {
             if i + 1 < dims.len() {
                 // dcur is d post[i]; through the GELU to d pre[i].
-                let mut dpre = vec![0.0; rows * d_out];
-                gelu_backward(&mut dpre, &dcur, &acts.pre[i]);
-                dcur = dpre;
+                resize(dnext, rows * d_out);
+                gelu_backward(dnext, dcur, &acts.pre[i]);
+                std::mem::swap(dcur, dnext);
             }
             let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
             let w = &params[self.r(&format!("head.mlp.{}.weight", 2 * i))];
             let (dw, dbias) = self.wb_mut(grads, &format!("head.mlp.{}", 2 * i));
-            if i == 0 {
-                linear_backward(
-                    Some(&mut *dx),
-                    dw,
-                    Some(dbias),
-                    &dcur,
-                    input,
-                    w,
-                    rows,
-                    d_in,
-                    d_out,
-                );
+            // The input gradient: the caller's `dx` for the first layer, else d post[i - 1].
+            let dinput: &mut [f32] = if i == 0 {
+                &mut *dx
             } else {
-                let mut dinput = vec![0.0; rows * d_in];
-                linear_backward(
-                    Some(&mut dinput),
-                    dw,
-                    Some(dbias),
-                    &dcur,
-                    input,
-                    w,
-                    rows,
-                    d_in,
-                    d_out,
-                );
-                dcur = dinput;
+                resize(dnext, rows * d_in);
+                dnext
+            };
+            linear_backward(
+                Some(dinput),
+                dw,
+                Some(dbias),
+                dcur,
+                input,
+                w,
+                rows,
+                d_in,
+                d_out,
+            );
+            if i > 0 {
+                std::mem::swap(dcur, dnext);
             }
         }
     }

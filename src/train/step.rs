@@ -7,7 +7,7 @@
 
 use crate::loss::{pwself_loss, update_center, LossConfig, LossKind, StudentLayout, TeacherLogits};
 use crate::model::params::ParamTable;
-use crate::model::vit::{BackboneActs, DropPath, HeadActs, Network};
+use crate::model::vit::{BackboneActs, DropPath, HeadActs, LastLayer, Network};
 use crate::optim::{
     cancel_last_layer_grads, clip_global_norm, clip_per_tensor, ema_update, has_non_finite,
     l2_norm, AdamW, ClipMode, OptimConfig, Schedules,
@@ -145,11 +145,29 @@ pub struct StepRunner {
     /// K = 65,536 it is hundreds of MB, which the allocator would otherwise map, fault in
     /// and zero afresh every step. `matched_ce` writes every element.
     dlogits: Vec<f32>,
+    /// The rest of the step's working buffers, kept for their capacity for the same
+    /// reason (together with the activations above, a step allocates nothing large once
+    /// the first step has run): the global and local views concatenated, the matched
+    /// student tokens and their gradient, the gradient w.r.t. each student backbone's
+    /// output, and both networks' weight-normalised last layers.
+    work: StepBuffers,
     /// Test-only NaN injection (see [`NanFaults`]); empty in normal runs.
     pub faults: NanFaults,
 }
 
 /// Where [`NanFaults`] puts a NaN.
+/// See [`StepRunner`]'s `work`.
+#[derive(Default)]
+struct StepBuffers {
+    globals: Vec<f32>,
+    locals: Vec<f32>,
+    gathered: Vec<f32>,
+    dgathered: Vec<f32>,
+    dtokens: [Vec<f32>; 2],
+    t_last: LastLayer,
+    s_last: LastLayer,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum NanTarget {
     /// The step's loss.
@@ -244,6 +262,7 @@ impl StepRunner {
             s_acts: [BackboneActs::default(), BackboneActs::default()],
             s_head: HeadActs::default(),
             dlogits: Vec::new(),
+            work: StepBuffers::default(),
             faults: NanFaults::default(),
         }
     }
@@ -271,9 +290,13 @@ impl StepRunner {
         }
     }
 
-    /// The images of views `range` of `batch`, concatenated view-major: `(n_views * B, C, S, S)`.
-    fn concat(batch: &ViewBatch, range: std::ops::Range<usize>) -> Vec<f32> {
-        batch.views[range].concat()
+    /// Writes the images of views `range` of `batch` into `out`, concatenated view-major:
+    /// `(n_views * B, C, S, S)`.
+    fn concat_into(out: &mut Vec<f32>, batch: &ViewBatch, range: std::ops::Range<usize>) {
+        out.clear();
+        for view in &batch.views[range] {
+            out.extend_from_slice(view);
+        }
     }
 
     /// The loss of `batch` under `w` and its gradient w.r.t. the student parameters (in
@@ -296,14 +319,16 @@ impl StepRunner {
             ..StepStats::default()
         };
         let net = &self.net;
+        let work = &mut self.work;
 
         // Teacher: globals only, no drop path, head on every token.
-        let globals = Self::concat(batch, 0..ng);
-        net.backbone_forward(&w.teacher, &globals, ng * b, gside, None, &mut self.t_acts);
-        let t_last = net.last_layer(&w.teacher);
+        Self::concat_into(&mut work.globals, batch, 0..ng);
+        let globals = &work.globals;
+        net.backbone_forward(&w.teacher, globals, ng * b, gside, None, &mut self.t_acts);
+        net.last_layer_into(&w.teacher, &mut work.t_last);
         net.head_forward(
             &w.teacher,
-            &t_last,
+            &work.t_last,
             &self.t_acts.out,
             ng * b * t_g,
             &mut self.t_head,
@@ -319,17 +344,17 @@ impl StepRunner {
         };
         net.backbone_forward(
             &w.student,
-            &globals,
+            globals,
             ng * b,
             gside,
             drop(0),
             &mut self.s_acts[0],
         );
-        let locals = Self::concat(batch, ng..ng + nl);
+        Self::concat_into(&mut work.locals, batch, ng..ng + nl);
         if nl > 0 {
             net.backbone_forward(
                 &w.student,
-                &locals,
+                &work.locals,
                 nl * b,
                 lside,
                 drop(1),
@@ -348,13 +373,14 @@ impl StepRunner {
                 (1, (((view - ng) * b + image) * t_l + token) * d)
             }
         };
-        let mut gathered = vec![0.0f32; rows * d];
+        let gathered = &mut work.gathered;
+        gathered.resize(rows * d, 0.0); // every row is overwritten below
         for (r, (image, view, token)) in layout.gather_list().enumerate() {
             let (call, at) = token_at(view as usize, image, token as usize);
             gathered[r * d..(r + 1) * d].copy_from_slice(&self.s_acts[call].out[at..at + d]);
         }
-        let s_last = net.last_layer(&w.student);
-        net.head_forward(&w.student, &s_last, &gathered, rows, &mut self.s_head);
+        net.last_layer_into(&w.student, &mut work.s_last);
+        net.head_forward(&w.student, &work.s_last, gathered, rows, &mut self.s_head);
         stats.head_rows = rows;
 
         // Loss and its gradient w.r.t. the student logits.
@@ -380,21 +406,24 @@ impl StepRunner {
 
         // Backward.
         self.grads.fill(0.0);
-        let mut dgathered = vec![0.0f32; rows * d];
+        let dgathered = &mut work.dgathered;
+        dgathered.clear();
+        dgathered.resize(rows * d, 0.0);
         net.head_backward(
             &w.student,
             &mut self.grads,
-            &s_last,
-            &self.s_head,
-            &gathered,
+            &work.s_last,
+            &mut self.s_head,
+            &work.gathered,
             &dlogits,
-            &mut dgathered,
+            dgathered,
         );
         self.dlogits = dlogits;
-        let mut dtokens = [
-            vec![0.0f32; self.s_acts[0].out.len()],
-            vec![0.0f32; self.s_acts[1].out.len()],
-        ];
+        let dtokens = &mut work.dtokens;
+        for (buf, acts) in dtokens.iter_mut().zip(&self.s_acts) {
+            buf.clear();
+            buf.resize(acts.out.len(), 0.0);
+        }
         for (r, (image, view, token)) in layout.gather_list().enumerate() {
             let (call, at) = token_at(view as usize, image, token as usize);
             dtokens[call][at..at + d]
@@ -402,9 +431,19 @@ impl StepRunner {
                 .zip(&dgathered[r * d..(r + 1) * d])
                 .for_each(|(a, g)| *a += g);
         }
-        net.backbone_backward(&w.student, &mut self.grads, &self.s_acts[0], &dtokens[0]);
+        net.backbone_backward(
+            &w.student,
+            &mut self.grads,
+            &mut self.s_acts[0],
+            &dtokens[0],
+        );
         if nl > 0 {
-            net.backbone_backward(&w.student, &mut self.grads, &self.s_acts[1], &dtokens[1]);
+            net.backbone_backward(
+                &w.student,
+                &mut self.grads,
+                &mut self.s_acts[1],
+                &dtokens[1],
+            );
         }
         stats
     }
