@@ -1,6 +1,6 @@
 //! Determinism of `pwself-engine train` on the CPU backend (issue 7 item 6), through the
 //! built binary, since the thread count is fixed once per process (`--threads` sizes the
-//! global rayon pool and `MATMUL_NUM_THREADS`, matrixmultiply's GEMM pool):
+//! global rayon pool, which runs every kernel, GEMMs included):
 //!
 //! - same seed, same thread count: the checkpoints (every tensor: weights, AdamW moments,
 //!   the loss centre; and every metadata value but the checksum, the output folder and
@@ -8,12 +8,12 @@
 //! - 1, 2 and 3 threads: also bit-identical, so the tolerance across thread counts is 0.
 //!   The CPU kernels split work between threads only over output elements and reduce in a
 //!   fixed order (`src/cpu/mod.rs`), view building draws from `(seed, counter)`
-//!   (`src/rng.rs`), and matrixmultiply splits only the row and column loops of a GEMM (it uses
-//!   up to `(m*k + k*n) / 2^14` threads; the qkv GEMM of a global view here, m = 16 * 50
-//!   tokens, k = 64, n = 192, gets 2 or more). Measured before asserting it (2026-11-26, 2-core x86-64): the largest
+//!   (`src/rng.rs`), and `cpu::gemm` cuts a product into blocks chosen from its shape
+//!   alone (rows or columns of C, which leave each element's arithmetic as in one call, or
+//!   fixed 1024-row blocks of k summed in order). Measured before asserting it (2026-11-26, 2-core x86-64): the largest
 //!   relative difference of any checkpoint tensor between 1, 2 and 3 threads was 0 on this
 //!   configuration, and 0 over all 246 tensors of the default job (femto, 6 steps) between
-//!   1, 2 and 4 threads.
+//!   1, 2 and 4 threads (both with the GEMM split of the time, matrixmultiply's own pool).
 //!
 //! A second seed must give different tensors, so that the comparisons can fail.
 
@@ -83,7 +83,6 @@ impl Setup {
             .arg("--out")
             .arg(&out)
             .env("RUST_BACKTRACE", "0")
-            .env_remove("MATMUL_NUM_THREADS")
             .env_remove("RAYON_NUM_THREADS")
             .env_remove("PWSELF_TEST_NAN_STEPS")
             .env_remove("PWSELF_TEST_SLOW_CHECKPOINT")
