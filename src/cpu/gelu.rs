@@ -682,7 +682,7 @@ mod tests {
     /// elements (memory traffic included) and on 64K elements reused (L2-resident)
     /// (`cargo test --release --lib cpu::gelu::tests::timing -- --ignored --nocapture`).
     #[test]
-    #[ignore]
+    #[ignore = "a timing printout (before vs after), not a check: run it by hand with --ignored --nocapture"]
     fn timing() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
