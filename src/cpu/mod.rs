@@ -152,63 +152,31 @@ pub(crate) fn gemm(
     // full shapes inside the slices, and each block addresses a subset of them; `c` is
     // borrowed mutably, so it cannot alias `a` or `b`; the blocks of `C` written by
     // different tasks are disjoint (row or column ranges), and the K split writes `C` from
-    // one task only.
+    // one task only. `block` computes rows [r0, r0 + rows) and columns [c0, c0 + cols) of
+    // C; every caller below passes ranges inside C.
+    let block = |r0: usize, rows: usize, c0: usize, cols: usize| unsafe {
+        gemm_raw(
+            rows,
+            k,
+            cols,
+            alpha,
+            pa.get().add(r0 * rsa),
+            (rsa, csa),
+            pb.get().add(c0 * csb),
+            (rsb, csb),
+            beta,
+            pc.get().add(r0 * rsc + c0 * csc),
+            (rsc, csc),
+        );
+    };
     match split {
-        Split::None => unsafe {
-            gemm_raw(
-                m,
-                k,
-                n,
-                alpha,
-                pa.get(),
-                (rsa, csa),
-                pb.get(),
-                (rsb, csb),
-                beta,
-                pc.get(),
-                (rsc, csc),
-            );
-        },
-        Split::Rows(block) => {
-            (0..m.div_ceil(block)).into_par_iter().for_each(|i| {
-                let (r0, rows) = (i * block, block.min(m - i * block));
-                unsafe {
-                    gemm_raw(
-                        rows,
-                        k,
-                        n,
-                        alpha,
-                        pa.get().add(r0 * rsa),
-                        (rsa, csa),
-                        pb.get(),
-                        (rsb, csb),
-                        beta,
-                        pc.get().add(r0 * rsc),
-                        (rsc, csc),
-                    );
-                }
-            });
-        }
-        Split::Cols(block) => {
-            (0..n.div_ceil(block)).into_par_iter().for_each(|j| {
-                let (c0, cols) = (j * block, block.min(n - j * block));
-                unsafe {
-                    gemm_raw(
-                        m,
-                        k,
-                        cols,
-                        alpha,
-                        pa.get(),
-                        (rsa, csa),
-                        pb.get().add(c0 * csb),
-                        (rsb, csb),
-                        beta,
-                        pc.get().add(c0 * csc),
-                        (rsc, csc),
-                    );
-                }
-            });
-        }
+        Split::None => block(0, m, 0, n),
+        Split::Rows(size) => (0..m.div_ceil(size))
+            .into_par_iter()
+            .for_each(|i| block(i * size, size.min(m - i * size), 0, n)),
+        Split::Cols(size) => (0..n.div_ceil(size))
+            .into_par_iter()
+            .for_each(|j| block(0, m, j * size, size.min(n - j * size))),
         Split::K(block) => {
             // Block 0 goes straight into C (with beta); blocks 1.. into dense partials,
             // then added to C in block order. The partials live in this thread's buffer,
