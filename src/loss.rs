@@ -23,6 +23,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::exp::exp_in_place;
 use crate::error::{Error, Result};
 use crate::views::matching::PairMatches;
 
@@ -388,18 +389,17 @@ pub fn teacher_stats(layout: &StudentLayout, teacher: &TeacherLogits) -> Vec<(f3
     let (b_n, tau_t) = (layout.batch, teacher.temperature);
     (0..layout.teacher_tokens.len() * b_n)
         .into_par_iter()
-        .map(|i| {
+        .map_init(Vec::new, |e, i| {
             let (t, c) = teacher_row(layout, teacher, i / b_n, i % b_n);
             let max = t
                 .iter()
                 .zip(c)
                 .map(|(&t, &c)| (t - c) / tau_t)
                 .fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| f64::from(((t - c) / tau_t - max).exp()))
-                .sum();
+            e.clear();
+            e.extend(t.iter().zip(c).map(|(&t, &c)| (t - c) / tau_t - max));
+            exp_in_place(e);
+            let z: f64 = e.iter().map(|&e| f64::from(e)).sum();
             (max, z.ln() as f32)
         })
         .collect()
@@ -460,7 +460,7 @@ pub fn matched_ce(
     grad.par_chunks_mut(k)
         .zip(row_loss.par_iter_mut())
         .enumerate()
-        .for_each(|(r, (g, loss))| {
+        .for_each_init(Vec::new, |p_t, (r, (g, loss))| {
             let (b, u) = (r / u_n, r % u_n);
             let range = layout.term_start[u]..layout.term_start[u + 1];
             let (terms, w) = (&layout.terms[range.clone()], &weights[range]);
@@ -473,11 +473,11 @@ pub fn matched_ce(
             // Student: g <- exp(s/tau_s - max), then g <- (total / tau_s) * q_s.
             let s = &student[r * k..(r + 1) * k];
             let max_s = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) / tau_s;
-            let mut z = 0.0f64;
             for (g, &s) in g.iter_mut().zip(s) {
-                *g = (s / tau_s - max_s).exp();
-                z += f64::from(*g);
+                *g = s / tau_s - max_s;
             }
+            exp_in_place(g);
+            let z: f64 = g.iter().map(|&g| f64::from(g)).sum();
             let ln_z = z.ln() as f32;
             let scale = (total / f64::from(tau_s) / z) as f32;
             g.iter_mut().for_each(|g| *g *= scale);
@@ -487,9 +487,15 @@ pub fn matched_ce(
                 let (t, c) = teacher_row(term.teacher as usize, b);
                 let (max_t, ln_zt) = stats[term.teacher as usize * b_n + b];
                 let a = w / tau_s;
+                p_t.clear();
+                p_t.extend(
+                    t.iter()
+                        .zip(c)
+                        .map(|(&t, &c)| ((t - c) / tau_t - max_t) - ln_zt),
+                );
+                exp_in_place(p_t);
                 let mut h = 0.0f64;
-                for (((g, &s), &t), &c) in g.iter_mut().zip(s).zip(t).zip(c) {
-                    let p = (((t - c) / tau_t - max_t) - ln_zt).exp();
+                for ((g, &s), &p) in g.iter_mut().zip(s).zip(p_t.iter()) {
                     let log_q = (s / tau_s - max_s) - ln_z;
                     h -= f64::from(p * log_q);
                     *g -= a * p;

@@ -8,10 +8,12 @@
 //!
 //! Work is split over (batch, head) pairs; each pair reads and writes only its own
 //! columns, and each output element is computed by one thread, so results do not depend
-//! on the thread count. The per-head GEMMs are `matrixmultiply::sgemm` on strided views.
+//! on the thread count. The per-head GEMMs are single-threaded `gemm` crate calls on strided
+//! views.
 
 use rayon::prelude::*;
 
+use super::exp::exp_in_place;
 use super::{gemm_raw, SendPtr};
 
 fn check_shapes(name: &str, qkv: usize, probs: usize, b: usize, n: usize, d: usize, heads: usize) {
@@ -80,11 +82,9 @@ pub fn attention_forward(
         }
         for row in p.chunks_mut(n) {
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-            let mut sum = 0.0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            row.iter_mut().for_each(|s| *s -= max);
+            exp_in_place(row);
+            let sum: f32 = row.iter().sum();
             let inv = 1.0 / sum;
             for s in row.iter_mut() {
                 *s *= inv;

@@ -184,7 +184,7 @@ fn backward_body(dx: &mut [f32], dy: &[f32], x: &[f32]) {
 /// Which compiled copy of the loops runs. The copies differ only in the instructions the
 /// compiler may pick; the arithmetic is the same IEEE operations, so results are identical.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
+pub(crate) enum Path {
     #[cfg(target_arch = "x86_64")]
     Avx512,
     #[cfg(target_arch = "x86_64")]
@@ -193,7 +193,7 @@ enum Path {
 }
 
 /// The widest path this CPU supports (feature detection is cached by std).
-fn best_path() -> Path {
+pub(crate) fn best_path() -> Path {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f")

@@ -1,6 +1,6 @@
 //! Linear layer (PyTorch `nn.Linear`): `y = x W^T + b` with `W` stored `(out, in)`, and its
 //! backward. Also serves the patch embedding (conv with kernel = stride = patch, after
-//! `im2col`). The GEMMs are `matrixmultiply::sgemm`; the bias gradient is summed over rows
+//! `im2col`). The GEMMs are [`super::gemm`]; the bias gradient is summed over rows
 //! in index order, in parallel only across column blocks, so it is thread-count
 //! independent.
 

@@ -17,18 +17,20 @@
 //!   but every reduction runs in a fixed order (a parameter gradient sums rows in index
 //!   order, in parallel only across columns).
 //!
-//! GEMMs go through `matrixmultiply::sgemm` (see [`gemm`]), single-threaded per call, and
+//! GEMMs go through the `gemm` crate (see [`gemm`]), single-threaded per call, and
 //! [`gemm`] shares a product among rayon tasks itself: blocks of rows or columns of `C`,
 //! or, for a small `C` summed over many rows (the weight gradients), fixed blocks of the
 //! shared dimension whose partial products are added in order. The blocks follow from the
 //! shape alone, so results do not depend on the thread count; `tests/cpu_kernels.rs`
-//! checks each split against one unsplit call and across pool sizes. (matrixmultiply's own
-//! `threading` pool is not used: it synchronises once per 256-deep slice of `k`, which
-//! left the second core idle on the weight gradients, and it would be a second pool beside
-//! rayon's.)
+//! checks each split against one unsplit call and across pool sizes. (The crate's own
+//! rayon parallelism is not used: one split rule, ours, keeps the results independent of
+//! the thread count. The crate replaced `matrixmultiply`, whose `threading` pool
+//! synchronised once per 256-deep slice of `k` and whose packing of row-major activations
+//! cost a fifth of the step; see docs/cpu-performance.md.)
 
 pub mod attention;
 pub mod drop_path;
+pub mod exp;
 pub mod gelu;
 pub mod head;
 pub mod layernorm;
@@ -257,7 +259,9 @@ pub(crate) unsafe fn gemm_raw(
     unsafe { sgemm(m, k, n, alpha, a, sa, b, sb, beta, c, sc) };
 }
 
-/// `matrixmultiply::sgemm` with `(row, column)` stride pairs.
+/// One single-threaded `gemm::gemm` call with `(row, column)` stride pairs. The crate's
+/// convention is `dst = alpha dst + beta lhs rhs` with column stride first, and it reads
+/// `dst` only when asked: `read_dst = beta != 0` keeps "`beta == 0` overwrites `C`".
 ///
 /// # Safety
 /// As [`gemm_raw`].
@@ -277,21 +281,26 @@ unsafe fn sgemm(
 ) {
     // SAFETY: forwarded to the caller's contract.
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             m,
-            k,
             n,
-            alpha,
-            a,
-            rsa as isize,
-            csa as isize,
-            b,
-            rsb as isize,
-            csb as isize,
-            beta,
+            k,
             c,
-            rsc as isize,
             csc as isize,
+            rsc as isize,
+            beta != 0.0,
+            a,
+            csa as isize,
+            rsa as isize,
+            b,
+            csb as isize,
+            rsb as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -388,7 +397,7 @@ mod tests {
             .collect()
     }
 
-    /// One plain matrixmultiply call on the operands as given (no split, no copies).
+    /// One plain unsplit GEMM call on the operands as given (no split, no copies).
     #[allow(clippy::too_many_arguments)]
     fn plain(
         (m, k, n): (usize, usize, usize),
@@ -424,6 +433,8 @@ mod tests {
         for (m, k, n, want) in [
             (1500, 40, 30, Split::Rows(512)),
             (30, 40, 1500, Split::Cols(512)),
+            (1100, 700, 40, Split::Rows(512)),
+            (40, 700, 1100, Split::Cols(512)),
             (60, 40, 50, Split::None),
         ] {
             assert_eq!(split_for(m, k, n), want);

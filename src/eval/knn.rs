@@ -11,12 +11,13 @@
 //!
 //! How it scales: test rows are taken in blocks of [`TEST_BLOCK`], train rows in blocks
 //! of [`KnnOptions::block_rows`]; each (test block, train block) pair of similarities is
-//! one GEMM (`matrixmultiply::sgemm`, itself threaded) into a buffer of the test block,
+//! one GEMM (`crate::cpu::gemm`, split among rayon's threads) into a buffer of the test block,
 //! and a per-query running top-k list absorbs the block (queries in parallel) before the
 //! next one is computed. Train rows are normalised a block at a time into a second
 //! buffer, so besides the caller's features the memory is
 //! `lanes x (TEST_BLOCK x block_rows + block_rows x dim + TEST_BLOCK x k)` numbers
-//! (`lanes` = test blocks in flight, `rayon threads / 4` but at least 1), whatever the
+//! (`lanes` = test blocks in flight, `rayon threads / 4` but at least 1; `block_rows`
+//! rounded up to a multiple of [`TILE_ROWS`]), whatever the
 //! size of the train set (1.28M ImageNet features included).
 //!
 //! Rounding: the GEMM sums each dot product in its own order (fused multiply-adds over
@@ -24,7 +25,8 @@
 //! [`class_scores`], so a similarity may differ from the scalar one in its last bits. The
 //! tie rule applies to the similarities as computed; they do not depend on block sizes
 //! or thread counts (the GEMM never splits the feature axis across threads, see
-//! `crate::cpu`), so results are identical for every `block_rows`.
+//! `crate::cpu`, and train blocks are whole tiles of [`TILE_ROWS`] rows, so each GEMM takes
+//! the same path), so results are identical for every `block_rows`.
 //!
 //! What this module must not do: approximate (no index, no sampling), or hold more than
 //! one block of similarities per test block in flight.
@@ -38,17 +40,24 @@ use crate::error::{Error, Result};
 pub const KNN_TEMPERATURE: f32 = 0.07;
 
 /// Test rows per block: one GEMM computes this many queries against a train block.
-/// 256 rows are enough for `matrixmultiply` to split a GEMM's rows between threads (it
-/// needs 96) and keep a block's similarities small (256 x 4096 f32 = 4 MiB).
+/// 256 rows keep a block's similarities small (256 x 4096 f32 = 4 MiB); `cpu::gemm` splits
+/// each product among the threads by blocks of train rows.
 pub const TEST_BLOCK: usize = 256;
 
-/// The most threads `matrixmultiply` spreads one GEMM over (its own pool, see
-/// `crate::cpu`). Test blocks run `rayon threads / GEMM_MAX_THREADS` at a time (at least
-/// one), so the GEMMs in flight do not oversubscribe the cores much; the queries of a
+/// Test blocks run `rayon threads / GEMM_MAX_THREADS` at a time (at least one): each
+/// block's GEMM is itself split among the threads by `crate::cpu::gemm`, so more blocks in
+/// flight would only hold more memory; the queries of a
 /// block absorb its similarities in parallel. On 2 cores (bench/results/2026-11-26-knn.md)
 /// one block at a time and two at a time took the same CPU time and one at a time peaked
 /// 34 MiB lower.
 const GEMM_MAX_THREADS: usize = 4;
+
+/// Train rows per block are a multiple of this (the last block padded with zero rows), so
+/// that every similarity comes from a GEMM of at least this many columns and the `gemm`
+/// crate sums every dot product the same way whatever `block_rows` is: with one column it
+/// takes a matrix-vector path, and with at most 64 rows and columns a smaller blocking of
+/// the feature axis (above 512 features), each of which can round differently.
+const TILE_ROWS: usize = 128;
 
 /// Inverse temperatures above this overflow `exp(sim / T)` in f64 (`exp(709.8)` is the
 /// largest finite value).
@@ -73,8 +82,8 @@ pub struct KnnOptions {
     pub ks: Vec<usize>,
     /// Temperature `T` of the vote weights `exp(sim / T)`.
     pub temperature: f32,
-    /// Train rows per block: bounds the memory per thread (see the module docs); it does
-    /// not change the results.
+    /// Train rows per block (rounded up to a multiple of 128): bounds the memory per
+    /// thread (see the module docs); it does not change the results.
     pub block_rows: usize,
 }
 
@@ -200,7 +209,7 @@ fn nearest_blocked(
     );
     let nq = queries.len() / dim;
     let n_train = train.len() / dim;
-    let block = train_block.min(n_train.max(1));
+    let block = train_block.min(n_train.max(1)).next_multiple_of(TILE_ROWS);
     let mut q = queries.to_vec();
     q.chunks_exact_mut(dim).for_each(normalize_row);
     let mut rows_buf = vec![0.0f32; block * dim];
@@ -210,15 +219,20 @@ fn nearest_blocked(
         .collect();
     for (b, chunk) in train.chunks(block * dim).enumerate() {
         let rows = chunk.len() / dim;
-        let t = &mut rows_buf[..rows * dim];
-        t.copy_from_slice(chunk);
-        t.chunks_exact_mut(dim).for_each(normalize_row);
-        let sims = &mut sims_buf[..nq * rows];
-        // (Q, D) @ (D, rows) -> (Q, rows); the train block read transposed.
+        // A whole number of tiles: the padding rows are zeros, their similarities unread.
+        let padded = rows.next_multiple_of(TILE_ROWS);
+        let t = &mut rows_buf[..padded * dim];
+        t[..rows * dim].copy_from_slice(chunk);
+        t[rows * dim..].fill(0.0);
+        t[..rows * dim]
+            .chunks_exact_mut(dim)
+            .for_each(normalize_row);
+        let sims = &mut sims_buf[..nq * padded];
+        // (Q, D) @ (D, padded) -> (Q, padded); the train block read transposed.
         gemm(
             nq,
             dim,
-            rows,
+            padded,
             1.0,
             &q,
             (dim, 1),
@@ -226,11 +240,11 @@ fn nearest_blocked(
             (1, dim),
             0.0,
             sims,
-            (rows, 1),
+            (padded, 1),
         );
         best.par_iter_mut()
-            .zip(sims.par_chunks_exact(rows))
-            .for_each(|(list, row)| absorb(list, row, b * block, k));
+            .zip(sims.par_chunks_exact(padded))
+            .for_each(|(list, row)| absorb(list, &row[..rows], b * block, k));
     }
     best
 }
@@ -594,6 +608,22 @@ mod tests {
             let a = knn_evaluate(tr, trl, te, tel, d, c, &o).unwrap();
             let b = knn_evaluate(&scaled(tr), trl, &scaled(te), tel, d, c, &o).unwrap();
             assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn invariant_to_block_sizes_past_one_feature_block() {
+        // 600 features: more than the GEMM's largest block of the feature axis (512), and
+        // 30 queries, so a small train block would make a GEMM of at most 64 x 64.
+        let dim = 600;
+        let (train, test) = (noise(300, dim, 7), noise(30, dim, 8));
+        let reference = nearest_blocked(&test, &train, dim, 50, 4096);
+        for block in [1, 7, 64, 200] {
+            assert_eq!(
+                nearest_blocked(&test, &train, dim, 50, block),
+                reference,
+                "train block {block}"
+            );
         }
     }
 
