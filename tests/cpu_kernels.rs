@@ -623,14 +623,15 @@ fn gelu_matches_known_values_and_f64_reference() {
             want[i]
         );
     }
-    // Random values: rounded once from f64, so within one f32 ulp of the reference.
+    // Random values: the f32 evaluation is within 4 f32 ulp of the reference (measured 3;
+    // src/cpu/gelu.rs).
     let n = 9001; // more than two parallel chunks
     let x = randn(n, 300, 1, 3.0);
     let mut y = vec![0.0f32; n];
     gelu_forward(&mut y, &x);
     for (i, (&g, w)) in y.iter().zip(gelu_ref(&to64(&x))).enumerate() {
         assert!(
-            (f64::from(g) - w).abs() <= w.abs() * 2f64.powi(-23) + 1e-40,
+            (f64::from(g) - w).abs() <= w.abs() * 4.0 * 2f64.powi(-23) + 1e-40,
             "gelu({}) = {g}, want {w}",
             x[i]
         );
