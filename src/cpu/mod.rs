@@ -39,9 +39,16 @@ pub mod patch_embed;
 
 use rayon::prelude::*;
 
-/// Sets every element of `buf` to zero (gradient buffers before a backward pass).
+/// Sets every element of `buf` to zero (gradient buffers before a backward pass), in
+/// parallel blocks when it is large: the backward pass zeroes about 40 MB per block of the
+/// default model before accumulating into it, which was serial time on the calling thread.
 pub fn zero(buf: &mut [f32]) {
-    buf.fill(0.0);
+    const BLOCK: usize = 1 << 16;
+    if buf.len() <= BLOCK {
+        buf.fill(0.0);
+    } else {
+        buf.par_chunks_mut(BLOCK).for_each(|b| b.fill(0.0));
+    }
 }
 
 /// Columns per task when a parameter gradient is reduced over rows: each task owns a

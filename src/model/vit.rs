@@ -23,6 +23,7 @@ use crate::cpu::linear::{linear_backward, linear_forward};
 use crate::cpu::patch_embed::{
     add_cls_and_pos, add_cls_and_pos_backward, im2col, pos_embed_backward, pos_embed_forward,
 };
+use crate::cpu::zero;
 use crate::error::Result;
 use crate::model::config::{HeadConfig, VitConfig};
 use crate::model::params::ParamTable;
@@ -141,10 +142,11 @@ struct HeadScratch {
     dnext: Vec<f32>,
 }
 
-/// Makes `buf` `n` zeros, reusing its allocation when it is large enough.
+/// Makes `buf` `n` zeros, reusing its allocation when it is large enough (zeroed in
+/// parallel, see [`zero`]).
 fn resize(buf: &mut Vec<f32>, n: usize) {
-    buf.clear();
     buf.resize(n, 0.0);
+    zero(buf);
 }
 
 /// Makes `buf` `n` long for a kernel that writes every element: reuses the allocation and
@@ -536,17 +538,17 @@ impl Network {
             let ba = &acts.blocks[i];
             let pre = format!("blocks.{i}");
             // x_out = x_mid + m_mlp * fc2(gelu(fc1(ln2(x_mid)))); dx holds d x_out.
-            dbranch.fill(0.0);
+            zero(dbranch);
             residual_add_scaled_backward(dbranch, dx, &ba.mask_mlp, batch, t * d);
-            da.fill(0.0);
+            zero(da);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc2.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc2"));
                 linear_backward(Some(da), dw, Some(db), dbranch, &ba.a, w, n, hdim, d);
             }
-            dh.fill(0.0);
+            zero(dh);
             gelu_backward(dh, da, &ba.h);
-            dln.fill(0.0);
+            zero(dln);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc1.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc1"));
@@ -570,17 +572,17 @@ impl Network {
                 );
             }
             // x_mid = x_in + m_attn * proj(attention(qkv(ln1(x_in)))).
-            dbranch.fill(0.0);
+            zero(dbranch);
             residual_add_scaled_backward(dbranch, dx, &ba.mask_attn, batch, t * d);
-            datt.fill(0.0);
+            zero(datt);
             {
                 let w = &params[self.r(&format!("{pre}.attn.proj.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.proj"));
                 linear_backward(Some(datt), dw, Some(db), dbranch, &ba.att, w, n, d, d);
             }
-            dqkv.fill(0.0);
+            zero(dqkv);
             attention_backward(dqkv, datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
-            dln.fill(0.0);
+            zero(dln);
             {
                 let w = &params[self.r(&format!("{pre}.attn.qkv.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.qkv"));
