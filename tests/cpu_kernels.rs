@@ -24,7 +24,7 @@
 use pwself_engine::cpu::attention::{attention_backward, attention_forward};
 use pwself_engine::cpu::drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask, residual_add_scaled,
-    residual_add_scaled_backward,
+    residual_add_scaled_backward, residual_add_scaled_into,
 };
 use pwself_engine::cpu::gelu::{gelu_backward, gelu_forward};
 use pwself_engine::cpu::head::{
@@ -1083,6 +1083,15 @@ fn drop_path_forward_backward_and_residual_match_reference() {
         "residual_add_scaled",
         &out,
         &residual(&[to64(&x), to64(&base)]),
+    );
+    // Into a separate output (NaN-poisoned): the same bits as the in-place add.
+    let mut into = vec![f32::NAN; b * l];
+    residual_add_scaled_into(&mut into, &base, &x, &mask, b, l);
+    assert!(
+        into.iter()
+            .zip(&out)
+            .all(|(p, q)| p.to_bits() == q.to_bits()),
+        "residual_add_scaled_into differs from copy + residual_add_scaled"
     );
     let mut dbranch = vec![0.0; b * l];
     for _ in 0..2 {

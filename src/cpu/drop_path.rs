@@ -76,6 +76,36 @@ pub fn residual_add_scaled(x: &mut [f32], branch: &[f32], mask: &[f32], b: usize
     scaled_accumulate(x, branch, mask, l);
 }
 
+/// [`residual_add_scaled`] into a separate output: `out[b] = x[b] + mask[b] * branch[b]`,
+/// the same arithmetic as copying `x` to `out` and adding, in one parallel pass (the ViT
+/// block's `x_mid` and `x_out` keep `x_in` and `x_mid` for the backward).
+// x (B, L), branch (B, L), mask (B) -> out (B, L)
+pub fn residual_add_scaled_into(
+    out: &mut [f32],
+    x: &[f32],
+    branch: &[f32],
+    mask: &[f32],
+    b: usize,
+    l: usize,
+) {
+    check("residual_add_scaled_into", branch.len(), mask.len(), b, l);
+    assert!(
+        x.len() == branch.len() && out.len() == branch.len(),
+        "residual_add_scaled_into: out and x must be (B, L)"
+    );
+    if l == 0 {
+        return;
+    }
+    out.par_chunks_mut(l)
+        .zip(x.par_chunks(l).zip(branch.par_chunks(l)))
+        .zip(mask.par_iter())
+        .for_each(|((out, (x, branch)), &m)| {
+            for ((o, &x), &s) in out.iter_mut().zip(x).zip(branch) {
+                *o = x + m * s;
+            }
+        });
+}
+
 /// The branch gradient of [`residual_add_scaled`]: `dbranch[b] += mask[b] * dx[b]`. The
 /// skip path's gradient is `dx` itself, which the caller keeps accumulating in place.
 // dx (B, L), mask (B) -> dbranch (B, L) +=

@@ -13,7 +13,9 @@
 //! step), so the globals and the locals can run through the same weights separately.
 
 use crate::cpu::attention::{attention_backward, attention_forward};
-use crate::cpu::drop_path::{drop_path_mask, residual_add_scaled, residual_add_scaled_backward};
+use crate::cpu::drop_path::{
+    drop_path_mask, residual_add_scaled_backward, residual_add_scaled_into,
+};
 use crate::cpu::gelu::{gelu_backward, gelu_forward};
 use crate::cpu::head::{
     l2norm_backward, l2norm_forward, weight_norm_backward, weight_norm_forward,
@@ -433,8 +435,8 @@ impl Network {
             attention_forward(&mut ba.att, &mut ba.probs, &ba.qkv, batch, t, d, v.heads);
             let (w, b) = self.wb(params, &format!("{pre}.attn.proj"));
             linear_forward(branch, &ba.att, w, Some(b), n, d, d);
-            copy_into(&mut ba.x_mid, &ba.x_in);
-            residual_add_scaled(&mut ba.x_mid, branch, &m_attn, batch, t * d);
+            fit(&mut ba.x_mid, n * d);
+            residual_add_scaled_into(&mut ba.x_mid, &ba.x_in, branch, &m_attn, batch, t * d);
 
             fit(&mut ba.ln2, n * d);
             fit(&mut ba.ln2_mean, n);
@@ -458,8 +460,8 @@ impl Network {
             gelu_forward(&mut ba.a, &ba.h);
             let (w, b) = self.wb(params, &format!("{pre}.mlp.fc2"));
             linear_forward(branch, &ba.a, w, Some(b), n, hdim, d);
-            copy_into(x_out, &ba.x_mid);
-            residual_add_scaled(x_out, branch, &m_mlp, batch, t * d);
+            fit(x_out, n * d);
+            residual_add_scaled_into(x_out, &ba.x_mid, branch, &m_mlp, batch, t * d);
             (ba.mask_attn, ba.mask_mlp) = (m_attn, m_mlp);
         }
         fit(out, n * d);
