@@ -22,12 +22,14 @@ use super::gelu::{best_path, Path};
 const X_MIN: f32 = -87.336_55;
 /// Above this, `exp(x)` overflows f32.
 const X_MAX: f32 = 88.722_84;
-/// `1.5 * 2^23`: adding it rounds an f32 of magnitude below `2^22` to an integer.
-const ROUND_MAGIC: f32 = 12_582_912.0;
-/// `ln 2 = LN2_HI + LN2_LO`; `LN2_HI` has 9 significant bits, so `k * LN2_HI` is exact for
-/// `|k| <= 128`.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+/// `1.5 * 2^23`: adding and subtracting it rounds an f32 of magnitude below `2^22` to the
+/// nearest integer (ties to even) with plain IEEE additions, and the integer is then the low
+/// bits of the sum: no float-to-int conversion. (Shared with `super::gelu`'s exp.)
+pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
+/// `ln 2 = LN2_HI + LN2_LO`, Cody–Waite style; `LN2_HI` has 9 significant bits, so
+/// `k * LN2_HI` is exact for every `|k| <= 2^15` (here `|k| <= 128`).
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 /// `exp(r) = 1 + r + r^2 P(r)` on `|r| <= ln 2 / 2`, lowest degree first (Cephes `expf`,
 /// whose first coefficient, 0.50000001, is 0.5 in f32).
 const EXP_P: [f32; 6] = [

@@ -42,6 +42,7 @@
 
 use rayon::prelude::*;
 
+use super::exp::{LN2_HI, LN2_LO, ROUND_MAGIC};
 use super::ELEMENTWISE_CHUNK;
 
 /// Beyond `|x| > X_CUT` the result is fixed: `|gelu(-15)| ~ 1e-50` rounds to -0 in f32, and on
@@ -82,14 +83,7 @@ const W_SHIFT: f32 = -1.352_941_2;
 /// `1 / sqrt(2 pi)`, the normal density at 0.
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// ln 2 split Cody–Waite style (as `super::exp`): `LN2_HI` has 9 significant bits, so
-/// `k * LN2_HI` is exact for every `|k| <= 2^15`.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-/// `1.5 * 2^23`: adding and subtracting it rounds an f32 of magnitude below `2^22` to the
-/// nearest integer (ties to even) with plain IEEE additions, and the integer is then the low
-/// bits of the sum: no float-to-int conversion.
-const ROUND_MAGIC: f32 = 12_582_912.0;
+// ln 2 split Cody–Waite style and the rounding constant: shared with `super::exp`.
 /// `exp(r) = 1 + r + r^2 P(r)` on `|r| <= ln 2 / 2`, lowest degree first: a degree-6 `exp`
 /// (one term fewer than Cephes' `expf` in `super::exp`), fitted like `ERFC_Q` (least squares
 /// at Chebyshev nodes on [-0.3466, 0.3466], weighted for the relative error of `exp`, rounded
