@@ -51,6 +51,13 @@ pub fn zero(buf: &mut [f32]) {
     }
 }
 
+/// Makes `buf` `n` zeros, reusing its allocation when it is large enough (zeroed in
+/// parallel, see [`zero`]).
+pub fn resize_zeroed(buf: &mut Vec<f32>, n: usize) {
+    buf.resize(n, 0.0);
+    zero(buf);
+}
+
 /// Columns per task when a parameter gradient is reduced over rows: each task owns a
 /// block of columns and sums the rows in index order, so the result is independent of
 /// how tasks are scheduled.

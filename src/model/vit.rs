@@ -25,7 +25,7 @@ use crate::cpu::linear::{linear_backward, linear_forward};
 use crate::cpu::patch_embed::{
     add_cls_and_pos, add_cls_and_pos_backward, im2col, pos_embed_backward, pos_embed_forward,
 };
-use crate::cpu::zero;
+use crate::cpu::{resize_zeroed, zero};
 use crate::error::Result;
 use crate::model::config::{HeadConfig, VitConfig};
 use crate::model::params::ParamTable;
@@ -144,15 +144,8 @@ struct HeadScratch {
     dnext: Vec<f32>,
 }
 
-/// Makes `buf` `n` zeros, reusing its allocation when it is large enough (zeroed in
-/// parallel, see [`zero`]).
-fn resize(buf: &mut Vec<f32>, n: usize) {
-    buf.resize(n, 0.0);
-    zero(buf);
-}
-
 /// Makes `buf` `n` long for a kernel that writes every element: reuses the allocation and
-/// skips [`resize`]'s zeroing (the forward activations are hundreds of MB per step; the
+/// skips [`resize_zeroed`]'s zeroing (the forward activations are hundreds of MB per step; the
 /// teacher's K-wide logits alone are 1.6 GB at ViT-Ti with K = 65,536). The contents are
 /// stale until that kernel runs; `tests/model_grad.rs` checks that reused buffers give
 /// the bits that fresh ones give.
@@ -377,12 +370,12 @@ impl Network {
             branch,
             ..
         } = scratch;
-        resize(cols, batch * g * g * c * p * p);
+        resize_zeroed(cols, batch * g * g * c * p * p);
         im2col(cols, images, batch, c, side, p);
-        resize(patches, batch * g * g * d);
+        resize_zeroed(patches, batch * g * g * d);
         let (w, b) = self.wb(params, "patch_embed.proj");
         linear_forward(patches, cols, w, Some(b), batch * g * g, c * p * p, d);
-        resize(pos_view, t * d);
+        resize_zeroed(pos_view, t * d);
         pos_embed_forward(pos_view, &params[self.r("pos_embed")], g, v.ref_grid, d);
         blocks.resize_with(v.depth, BlockActs::default);
         // The residual stream: block i's `x_in` is written by block i - 1 (block 0's here),
@@ -391,7 +384,7 @@ impl Network {
             Some(first) => &mut first.x_in,
             None => &mut *x_final,
         };
-        resize(x0, n * d);
+        resize_zeroed(x0, n * d);
         add_cls_and_pos(
             x0,
             patches,
@@ -512,7 +505,7 @@ impl Network {
             ..
         } = scratch;
 
-        resize(dx, n * d);
+        resize_zeroed(dx, n * d);
         {
             let w = &params[self.r("norm.weight")];
             let (dw, db) = self.wb_mut(grads, "norm");
@@ -608,8 +601,8 @@ impl Network {
             }
         }
         // Tokens = [cls; patches] + pos_view.
-        resize(dpatches, batch * g * g * d);
-        resize(dpos_view, t * d);
+        resize_zeroed(dpatches, batch * g * g * d);
+        resize_zeroed(dpos_view, t * d);
         {
             let (dcls_r, dpos_r) = (self.r("cls_token"), self.r("pos_embed"));
             let dcls = &mut grads[dcls_r];
@@ -642,8 +635,8 @@ impl Network {
     /// [`Network::last_layer`] into `l`, reusing its buffers.
     pub fn last_layer_into(&self, params: &[f32], l: &mut LastLayer) {
         let (k, db) = (self.head.out_dim, self.head.bottleneck);
-        resize(&mut l.w, k * db);
-        resize(&mut l.row_norms, k);
+        resize_zeroed(&mut l.w, k * db);
+        resize_zeroed(&mut l.row_norms, k);
         weight_norm_forward(
             &mut l.w,
             &mut l.row_norms,
@@ -681,7 +674,7 @@ impl Network {
         let db = self.head.bottleneck;
         copy_into(&mut acts.z, &acts.pre[dims.len() - 1]);
         fit(&mut acts.zn, rows * db);
-        resize(&mut acts.z_norms, rows);
+        resize_zeroed(&mut acts.z_norms, rows);
         l2norm_forward(&mut acts.zn, &mut acts.z_norms, &acts.z, rows, db);
         fit(&mut acts.logits, rows * self.head.out_dim);
         linear_forward(
@@ -734,8 +727,8 @@ impl Network {
             dcur,
             dnext,
         } = scratch;
-        resize(dzn, rows * db);
-        resize(dw_last, k * db);
+        resize_zeroed(dzn, rows * db);
+        resize_zeroed(dw_last, k * db);
         linear_backward(
             Some(dzn),
             dw_last,
@@ -750,12 +743,12 @@ impl Network {
         let v_range = self.r("head.last_layer.weight_v");
         let v = &params[v_range.clone()];
         weight_norm_backward(&mut grads[v_range], dw_last, v, &last.row_norms, k, db);
-        resize(dcur, rows * db);
+        resize_zeroed(dcur, rows * db);
         l2norm_backward(dcur, dzn, &acts.z, &acts.z_norms, rows, db);
         for (i, &(d_in, d_out)) in dims.iter().enumerate().rev() {
             if i + 1 < dims.len() {
                 // dcur is d post[i]; through the GELU to d pre[i].
-                resize(dnext, rows * d_out);
+                resize_zeroed(dnext, rows * d_out);
                 gelu_backward(dnext, dcur, &acts.pre[i]);
                 std::mem::swap(dcur, dnext);
             }
@@ -766,7 +759,7 @@ impl Network {
             let dinput: &mut [f32] = if i == 0 {
                 &mut *dx
             } else {
-                resize(dnext, rows * d_in);
+                resize_zeroed(dnext, rows * d_in);
                 dnext
             };
             linear_backward(

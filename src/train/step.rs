@@ -5,7 +5,7 @@
 //! -> AdamW -> teacher EMA -> center update. A step with a non-finite loss or gradient
 //! changes nothing (no parameter, moment, center or EMA update) and says so.
 
-use crate::cpu::zero;
+use crate::cpu::{resize_zeroed, zero};
 use crate::loss::{pwself_loss, update_center, LossConfig, LossKind, StudentLayout, TeacherLogits};
 use crate::model::params::ParamTable;
 use crate::model::vit::{BackboneActs, DropPath, HeadActs, LastLayer, Network};
@@ -408,8 +408,7 @@ impl StepRunner {
         // Backward.
         zero(&mut self.grads);
         let dgathered = &mut work.dgathered;
-        dgathered.resize(rows * d, 0.0);
-        zero(dgathered);
+        resize_zeroed(dgathered, rows * d);
         net.head_backward(
             &w.student,
             &mut self.grads,
@@ -422,8 +421,7 @@ impl StepRunner {
         self.dlogits = dlogits;
         let dtokens = &mut work.dtokens;
         for (buf, acts) in dtokens.iter_mut().zip(&self.s_acts) {
-            buf.resize(acts.out.len(), 0.0);
-            zero(buf);
+            resize_zeroed(buf, acts.out.len());
         }
         for (r, (image, view, token)) in layout.gather_list().enumerate() {
             let (call, at) = token_at(view as usize, image, token as usize);
