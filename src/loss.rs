@@ -24,6 +24,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::exp::exp_in_place;
+use crate::cpu::reduce::{max, sum_f64, sum_map2_f64};
 use crate::error::{Error, Result};
 use crate::views::matching::PairMatches;
 
@@ -391,16 +392,12 @@ pub fn teacher_stats(layout: &StudentLayout, teacher: &TeacherLogits) -> Vec<(f3
         .into_par_iter()
         .map_init(Vec::new, |e, i| {
             let (t, c) = teacher_row(layout, teacher, i / b_n, i % b_n);
-            let max = t
-                .iter()
-                .zip(c)
-                .map(|(&t, &c)| (t - c) / tau_t)
-                .fold(f32::NEG_INFINITY, f32::max);
             e.clear();
-            e.extend(t.iter().zip(c).map(|(&t, &c)| (t - c) / tau_t - max));
+            e.extend(t.iter().zip(c).map(|(&t, &c)| (t - c) / tau_t));
+            let m = max(e);
+            e.iter_mut().for_each(|x| *x -= m);
             exp_in_place(e);
-            let z: f64 = e.iter().map(|&e| f64::from(e)).sum();
-            (max, z.ln() as f32)
+            (m, sum_f64(e).ln() as f32)
         })
         .collect()
 }
@@ -472,12 +469,12 @@ pub fn matched_ce(
             }
             // Student: g <- exp(s/tau_s - max), then g <- (total / tau_s) * q_s.
             let s = &student[r * k..(r + 1) * k];
-            let max_s = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) / tau_s;
+            let max_s = max(s) / tau_s;
             for (g, &s) in g.iter_mut().zip(s) {
                 *g = s / tau_s - max_s;
             }
             exp_in_place(g);
-            let z: f64 = g.iter().map(|&g| f64::from(g)).sum();
+            let z = sum_f64(g);
             let ln_z = z.ln() as f32;
             let scale = (total / f64::from(tau_s) / z) as f32;
             g.iter_mut().for_each(|g| *g *= scale);
@@ -494,10 +491,9 @@ pub fn matched_ce(
                         .map(|(&t, &c)| ((t - c) / tau_t - max_t) - ln_zt),
                 );
                 exp_in_place(p_t);
-                let mut h = 0.0f64;
-                for ((g, &s), &p) in g.iter_mut().zip(s).zip(p_t.iter()) {
-                    let log_q = (s / tau_s - max_s) - ln_z;
-                    h -= f64::from(p * log_q);
+                // H(p_t, q_s) = -sum p_t log q_s, the terms in f32, their sum in f64.
+                let h = -sum_map2_f64(s, p_t, |s, p| f64::from(p * ((s / tau_s - max_s) - ln_z)));
+                for (g, &p) in g.iter_mut().zip(p_t.iter()) {
                     *g -= a * p;
                 }
                 acc += f64::from(w) * h;

@@ -21,17 +21,22 @@
 //! Every backward is called twice on zeroed buffers and half the result is compared: a
 //! kernel that overwrites instead of accumulating is off by a factor 2.
 
-use pwself_engine::cpu::attention::{attention_backward, attention_forward};
+use pwself_engine::cpu::attention::{
+    attention_backward, attention_backward_into, attention_forward,
+};
 use pwself_engine::cpu::drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask, residual_add_scaled,
-    residual_add_scaled_backward, residual_add_scaled_into,
+    residual_add_scaled_backward, residual_add_scaled_backward_into, residual_add_scaled_into,
 };
-use pwself_engine::cpu::gelu::{gelu_backward, gelu_forward};
+use pwself_engine::cpu::gelu::{gelu_backward, gelu_backward_into, gelu_forward};
 use pwself_engine::cpu::head::{
     l2norm_backward, l2norm_forward, weight_norm_backward, weight_norm_forward, L2NORM_EPS,
 };
 use pwself_engine::cpu::layernorm::{layernorm_backward, layernorm_forward};
-use pwself_engine::cpu::linear::{linear_backward, linear_forward};
+use pwself_engine::cpu::linear::{
+    linear_backward, linear_backward_into, linear_forward, linear_gelu_backward_into,
+    linear_gelu_forward,
+};
 use pwself_engine::cpu::patch_embed::{
     add_cls_and_pos, add_cls_and_pos_backward, im2col, pos_embed_backward, pos_embed_forward,
     pos_resample_matrix,
@@ -373,11 +378,11 @@ fn linear_forward_and_backward_match_f64_reference() {
 }
 
 /// Results are bit-identical in rayon pools of 1 and 3 threads: every kernel, at sizes
-/// where the rows and column blocks are split among threads.
+/// where rows, row blocks of the parameter gradients and columns are split among threads.
 #[test]
 fn all_kernels_are_bit_identical_across_rayon_pool_sizes() {
     let run = || -> Vec<Vec<f32>> {
-        let (n, din, dout) = (300, 200, 150);
+        let (n, din, dout) = (1100, 200, 150);
         let x = randn(n * din, 7, 1, 1.0);
         let w = randn(dout * din, 7, 2, 0.1);
         let bias = randn(dout, 7, 3, 1.0);
@@ -477,9 +482,11 @@ fn split_gemms_match_f64_and_are_bit_identical_across_pool_sizes() {
         let run = || {
             let mut y = vec![0.0; n * dout];
             linear_forward(&mut y, &x, &w, None, n, din, dout);
-            let (mut dx, mut dw) = (vec![0.0; n * din], vec![0.5; dout * din]);
-            linear_backward(Some(&mut dx), &mut dw, None, &dy, &x, &w, n, din, dout);
-            (y, dx, dw)
+            let (mut dx, mut dw, mut db) =
+                (vec![0.0; n * din], vec![0.5; dout * din], vec![0.25; dout]);
+            let db_opt = Some(&mut db[..]);
+            linear_backward(Some(&mut dx), &mut dw, db_opt, &dy, &x, &w, n, din, dout);
+            (y, dx, dw, db)
         };
         let in_pool = |threads: usize| {
             rayon::ThreadPoolBuilder::new()
@@ -494,15 +501,17 @@ fn split_gemms_match_f64_and_are_bit_identical_across_pool_sizes() {
             ("y", &one.0, &three.0),
             ("dx", &one.1, &three.1),
             ("dw", &one.2, &three.2),
+            ("db", &one.3, &three.3),
         ] {
             assert!(
                 bits(a) == bits(b),
                 "({n}, {din}, {dout}) {what}: 1 and 3 threads differ"
             );
         }
-        // Against f64, on sampled entries: y = x W^T, dx = dy W, dw = 0.5 + dy^T x.
+        // Against f64, on sampled entries: y = x W^T, dx = dy W, dw = 0.5 + dy^T x, and
+        // db = 0.25 + the column sums of dy (in row blocks of the parameter gradients).
         let (x64, w64, dy64) = (to64(&x), to64(&w), to64(&dy));
-        let (y, dx, dw) = one;
+        let (y, dx, dw, db) = one;
         let check = |what: &str, got: f32, want: f64, k: usize, scale: f64| {
             let tol = 1e-6 * (k as f64).sqrt() * scale + 1e-30;
             assert!(
@@ -540,6 +549,11 @@ fn split_gemms_match_f64_and_are_bit_identical_across_pool_sizes() {
                     .sum::<f64>();
             check("dw", dw[j], want, n, scale);
         }
+        for o in sample_indices(dout, 4) {
+            let want: f64 = 0.25 + (0..n).map(|i| dy64[i * dout + o]).sum::<f64>();
+            let scale: f64 = 0.25 + (0..n).map(|i| dy64[i * dout + o].abs()).sum::<f64>();
+            check("db", db[o], want, n, scale);
+        }
     }
 }
 
@@ -548,7 +562,8 @@ fn split_gemms_match_f64_and_are_bit_identical_across_pool_sizes() {
 
 #[test]
 fn layernorm_forward_and_backward_match_f64_reference() {
-    for (case, &(n, d)) in [(1, 5), (4, 1), (6, 7), (5, 130), (3, 384)]
+    // (1100, 3): three blocks of the row-blocked weight and bias gradients.
+    for (case, &(n, d)) in [(1, 5), (4, 1), (6, 7), (5, 130), (3, 384), (1100, 3)]
         .iter()
         .enumerate()
     {
@@ -1105,6 +1120,156 @@ fn drop_path_forward_backward_and_residual_match_reference() {
         &r,
         1201,
     );
+}
+
+/// `a` and `b` hold equal values (signed zeros aside: `fma(x, y, +0)` is `+0` where `x * y`
+/// is `-0`) and no NaN.
+fn same_values(name: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{name}: lengths differ");
+    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+        assert!(
+            p == q,
+            "{name}: element {i} is {p} overwritten, {q} accumulated into zeros"
+        );
+    }
+}
+
+/// The `_into` backwards overwrite their input gradient: from a NaN-filled buffer they give
+/// what the accumulating kernel gives from zeros, and the parameter gradients still add up.
+/// Shapes large enough for the GEMM's row split and for several elementwise chunks.
+#[test]
+fn overwriting_backwards_match_accumulating_into_zeros() {
+    // Linear: (n, d_in) -> (n, d_out), n * d_in * d_out above the GEMM's split threshold.
+    let (n, d_in, d_out) = (1100, 48, 40);
+    let x = randn(n * d_in, 3, 1, 1.0);
+    let w = randn(d_out * d_in, 3, 2, 0.2);
+    let dy = randn(n * d_out, 3, 3, 1.0);
+    let (dw0, db0) = (randn(d_out * d_in, 3, 4, 1.0), randn(d_out, 3, 5, 1.0));
+    let (mut dx_acc, mut dw_acc, mut db_acc) = (vec![0.0; n * d_in], dw0.clone(), db0.clone());
+    linear_backward(
+        Some(&mut dx_acc),
+        &mut dw_acc,
+        Some(&mut db_acc),
+        &dy,
+        &x,
+        &w,
+        n,
+        d_in,
+        d_out,
+    );
+    let (mut dx_set, mut dw_set, mut db_set) = (vec![f32::NAN; n * d_in], dw0, db0);
+    linear_backward_into(
+        Some(&mut dx_set),
+        &mut dw_set,
+        Some(&mut db_set),
+        &dy,
+        &x,
+        &w,
+        n,
+        d_in,
+        d_out,
+    );
+    same_values("linear_backward_into dx", &dx_set, &dx_acc);
+    same_values("linear_backward_into dw", &dw_set, &dw_acc);
+    same_values("linear_backward_into db", &db_set, &db_acc);
+
+    // GELU over several chunks of the elementwise split.
+    let len = 10_000;
+    let (xg, dyg) = (randn(len, 4, 1, 2.0), randn(len, 4, 2, 1.0));
+    let mut acc = vec![0.0; len];
+    gelu_backward(&mut acc, &dyg, &xg);
+    let mut set = vec![f32::NAN; len];
+    gelu_backward_into(&mut set, &dyg, &xg);
+    same_values("gelu_backward_into", &set, &acc);
+
+    // Attention: B = 3, N = 7 tokens, D = 8 in 2 heads.
+    let (b, t, d, heads) = (3, 7, 8, 2);
+    let qkv = randn(b * t * 3 * d, 5, 1, 1.0);
+    let mut out = vec![0.0; b * t * d];
+    let mut probs = vec![0.0; b * heads * t * t];
+    attention_forward(&mut out, &mut probs, &qkv, b, t, d, heads);
+    let dout = randn(b * t * d, 5, 2, 1.0);
+    let mut acc = vec![0.0; qkv.len()];
+    attention_backward(&mut acc, &dout, &qkv, &probs, b, t, d, heads);
+    let mut set = vec![f32::NAN; qkv.len()];
+    attention_backward_into(&mut set, &dout, &qkv, &probs, b, t, d, heads);
+    same_values("attention_backward_into", &set, &acc);
+
+    // Residual branch: per-sample masks with a dropped sample.
+    let (b, l) = (4, 300);
+    let dx = randn(b * l, 6, 1, 1.0);
+    let mask = [1.25, 0.0, 1.25, 1.25];
+    let mut acc = vec![0.0; b * l];
+    residual_add_scaled_backward(&mut acc, &dx, &mask, b, l);
+    let mut set = vec![f32::NAN; b * l];
+    residual_add_scaled_backward_into(&mut set, &dx, &mask, b, l);
+    same_values("residual_add_scaled_backward_into", &set, &acc);
+}
+
+/// The fused Linear + GELU kernels give the bits of the unfused calls, for products the
+/// GEMM splits by rows (epilogue inside its tasks), by columns (epilogue after the product)
+/// and not at all.
+#[test]
+fn fused_linear_gelu_matches_the_unfused_calls() {
+    for (case, &(n, d_in, d_out)) in [(1100, 48, 40), (300, 64, 2048), (9, 5, 7)]
+        .iter()
+        .enumerate()
+    {
+        let seed = 40 + case as u64;
+        let x = randn(n * d_in, seed, 1, 1.0);
+        let w = randn(d_out * d_in, seed, 2, 0.3);
+        let b = randn(d_out, seed, 3, 1.0);
+        // Forward: h = x W^T + b, a = gelu(h).
+        let (mut h_ref, mut a_ref) = (vec![0.0; n * d_out], vec![0.0; n * d_out]);
+        linear_forward(&mut h_ref, &x, &w, Some(&b), n, d_in, d_out);
+        gelu_forward(&mut a_ref, &h_ref);
+        let (mut h, mut a) = (vec![f32::NAN; n * d_out], vec![f32::NAN; n * d_out]);
+        linear_gelu_forward(&mut h, &mut a, &x, &w, &b, n, d_in, d_out);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&h) == bits(&h_ref),
+            "({n}, {d_in}, {d_out}): h differs"
+        );
+        assert!(
+            bits(&a) == bits(&a_ref),
+            "({n}, {d_in}, {d_out}): a differs"
+        );
+        // Backward through a second Linear (d_out -> d_in) after the GELU:
+        // dh = (dy W2) * gelu'(h), dW2 += dy^T a, db2 += column sums of dy.
+        let w2 = randn(d_in * d_out, seed, 4, 0.3);
+        let dy = randn(n * d_in, seed, 5, 1.0);
+        let (dw0, db0) = (randn(d_in * d_out, seed, 6, 1.0), randn(d_in, seed, 7, 1.0));
+        let (mut da, mut dw_ref, mut db_ref) = (vec![0.0; n * d_out], dw0.clone(), db0.clone());
+        let db_opt = Some(&mut db_ref[..]);
+        linear_backward_into(
+            Some(&mut da),
+            &mut dw_ref,
+            db_opt,
+            &dy,
+            &a,
+            &w2,
+            n,
+            d_out,
+            d_in,
+        );
+        let mut dh_ref = vec![0.0; n * d_out];
+        gelu_backward_into(&mut dh_ref, &da, &h);
+        let (mut dh, mut dw, mut db) = (vec![f32::NAN; n * d_out], dw0, db0);
+        let db_opt = Some(&mut db[..]);
+        linear_gelu_backward_into(&mut dh, &mut dw, db_opt, &dy, &a, &w2, &h, n, d_out, d_in);
+        assert!(
+            bits(&dh) == bits(&dh_ref),
+            "({n}, {d_in}, {d_out}): dh differs"
+        );
+        assert!(
+            bits(&dw) == bits(&dw_ref),
+            "({n}, {d_in}, {d_out}): dw differs"
+        );
+        assert!(
+            bits(&db) == bits(&db_ref),
+            "({n}, {d_in}, {d_out}): db differs"
+        );
+    }
 }
 
 #[test]

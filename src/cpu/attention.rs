@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::exp::exp_in_place;
+use super::reduce::{dot, max, sum};
 use super::{gemm_raw, SendPtr};
 
 fn check_shapes(name: &str, qkv: usize, probs: usize, b: usize, n: usize, d: usize, heads: usize) {
@@ -81,11 +82,10 @@ pub fn attention_forward(
             );
         }
         for row in p.chunks_mut(n) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-            row.iter_mut().for_each(|s| *s -= max);
+            let m = max(row);
+            row.iter_mut().for_each(|s| *s -= m);
             exp_in_place(row);
-            let sum: f32 = row.iter().sum();
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum(row);
             for s in row.iter_mut() {
                 *s *= inv;
             }
@@ -129,17 +129,66 @@ pub fn attention_backward(
     d: usize,
     heads: usize,
 ) {
-    check_shapes("attention_backward", qkv.len(), probs.len(), b, n, d, heads);
-    assert_eq!(
-        dqkv.len(),
-        b * n * 3 * d,
-        "attention_backward: dqkv must be (B, N, 3D)"
+    backward(
+        "attention_backward",
+        1.0,
+        dqkv,
+        dout,
+        qkv,
+        probs,
+        b,
+        n,
+        d,
+        heads,
     );
-    assert_eq!(
-        dout.len(),
-        b * n * d,
-        "attention_backward: dout must be (B, N, D)"
+}
+
+/// [`attention_backward`] that overwrites `dqkv` instead of adding to it (each element of
+/// `dqkv` is one GEMM output): the same bits as zeroing `dqkv` first, without the pass that
+/// zeroes it.
+// dout (B, N, D), qkv (B, N, 3D), probs (B, H, N, N) -> dqkv (B, N, 3D)
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_into(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    b: usize,
+    n: usize,
+    d: usize,
+    heads: usize,
+) {
+    backward(
+        "attention_backward_into",
+        0.0,
+        dqkv,
+        dout,
+        qkv,
+        probs,
+        b,
+        n,
+        d,
+        heads,
     );
+}
+
+/// Both backward passes: `dqkv = beta * dqkv + ...` (`beta` 1 or 0).
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    name: &str,
+    beta: f32,
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    b: usize,
+    n: usize,
+    d: usize,
+    heads: usize,
+) {
+    check_shapes(name, qkv.len(), probs.len(), b, n, d, heads);
+    assert_eq!(dqkv.len(), b * n * 3 * d, "{name}: dqkv must be (B, N, 3D)");
+    assert_eq!(dout.len(), b * n * d, "{name}: dout must be (B, N, D)");
     if b == 0 || n == 0 || d == 0 {
         return;
     }
@@ -171,7 +220,7 @@ pub fn attention_backward(
                     (1, n),
                     dout_h.as_ptr(),
                     (d, 1),
-                    1.0,
+                    beta,
                     dv,
                     (3 * d, 1),
                 );
@@ -191,9 +240,9 @@ pub fn attention_backward(
                 );
                 // Softmax backward, in place: dS = P * (dP - rowsum(P * dP)).
                 for (dp_row, p_row) in dp.chunks_mut(n).zip(p.chunks(n)) {
-                    let dot: f32 = dp_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    let rowsum = dot(dp_row, p_row);
                     for (g, &pi) in dp_row.iter_mut().zip(p_row) {
-                        *g = pi * (*g - dot);
+                        *g = pi * (*g - rowsum);
                     }
                 }
                 // dQ += scale * dS K: (N, N) @ (N, hd) -> (N, hd)
@@ -206,7 +255,7 @@ pub fn attention_backward(
                     (n, 1),
                     k.as_ptr(),
                     (3 * d, 1),
-                    1.0,
+                    beta,
                     dq,
                     (3 * d, 1),
                 );
@@ -220,7 +269,7 @@ pub fn attention_backward(
                     (1, n),
                     q.as_ptr(),
                     (3 * d, 1),
-                    1.0,
+                    beta,
                     dk,
                     (3 * d, 1),
                 );

@@ -125,6 +125,42 @@ pub fn residual_add_scaled_backward(
     scaled_accumulate(dbranch, dx, mask, l);
 }
 
+/// [`residual_add_scaled_backward`] that overwrites: `dbranch[b] = mask[b] * dx[b]`, the
+/// same bits as zeroing `dbranch` first, without the pass that zeroes it.
+// dx (B, L), mask (B) -> dbranch (B, L)
+pub fn residual_add_scaled_backward_into(
+    dbranch: &mut [f32],
+    dx: &[f32],
+    mask: &[f32],
+    b: usize,
+    l: usize,
+) {
+    check(
+        "residual_add_scaled_backward_into",
+        dx.len(),
+        mask.len(),
+        b,
+        l,
+    );
+    assert_eq!(
+        dbranch.len(),
+        dx.len(),
+        "residual_add_scaled_backward_into: dbranch must be (B, L)"
+    );
+    if l == 0 {
+        return;
+    }
+    dbranch
+        .par_chunks_mut(l)
+        .zip(dx.par_chunks(l))
+        .zip(mask.par_iter())
+        .for_each(|((out, src), &m)| {
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = m * s;
+            }
+        });
+}
+
 fn check(name: &str, len: usize, mask: usize, b: usize, per_sample: usize) {
     assert_eq!(len, b * per_sample, "{name}: tensors must be (B, L)");
     assert_eq!(mask, b, "{name}: mask must be (B)");

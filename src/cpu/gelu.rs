@@ -224,11 +224,25 @@ fn forward_body(y: &mut [f32], x: &[f32]) {
     }
 }
 
+/// `dx += dy * gelu'(x)` (`ACC`) or `dx = dy * gelu'(x)`: the same bits as accumulating
+/// into zeros, since `fma(a, b, 0)` is `a * b` rounded once.
 #[inline(always)]
-fn backward_body(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+fn backward_body<const ACC: bool>(dx: &mut [f32], dy: &[f32], x: &[f32]) {
     for ((dxi, &dyi), &xi) in dx.iter_mut().zip(dy).zip(x) {
-        // dx + dy * gelu'(x), rounded once.
-        *dxi = dyi.mul_add(gelu_grad(xi), *dxi);
+        *dxi = if ACC {
+            // dx + dy * gelu'(x), rounded once.
+            dyi.mul_add(gelu_grad(xi), *dxi)
+        } else {
+            dyi * gelu_grad(xi)
+        };
+    }
+}
+
+/// `d = d * gelu'(x)` in place: [`backward_body`]'s overwrite with `dy` read from `d`.
+#[inline(always)]
+fn scale_body(d: &mut [f32], x: &[f32]) {
+    for (di, &xi) in d.iter_mut().zip(x) {
+        *di *= gelu_grad(xi);
     }
 }
 
@@ -274,14 +288,55 @@ unsafe fn forward_avx2(y: &mut [f32], x: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn backward_avx512(dx: &mut [f32], dy: &[f32], x: &[f32]) {
-    backward_body(dx, dy, x);
+unsafe fn backward_avx512<const ACC: bool>(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+    backward_body::<ACC>(dx, dy, x);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn backward_avx2(dx: &mut [f32], dy: &[f32], x: &[f32]) {
-    backward_body(dx, dy, x);
+unsafe fn backward_avx2<const ACC: bool>(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+    backward_body::<ACC>(dx, dy, x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scale_avx512(d: &mut [f32], x: &[f32]) {
+    scale_body(d, x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_avx2(d: &mut [f32], x: &[f32]) {
+    scale_body(d, x);
+}
+
+/// [`gelu_forward`] on one block, on the calling thread (for a GEMM's epilogue, which runs
+/// inside the GEMM's own tasks).
+pub(crate) fn gelu_forward_serial(y: &mut [f32], x: &[f32]) {
+    assert_eq!(
+        y.len(),
+        x.len(),
+        "gelu_forward: y and x must have the same length"
+    );
+    forward_chunk(best_path(), y, x);
+}
+
+/// `d = d * gelu'(x)` on one block, on the calling thread: [`gelu_backward_into`] with the
+/// incoming gradient read from the buffer it overwrites (same bits).
+pub(crate) fn gelu_backward_in_place_serial(d: &mut [f32], x: &[f32]) {
+    assert_eq!(
+        d.len(),
+        x.len(),
+        "gelu_backward: d and x must have the same length"
+    );
+    match best_path() {
+        // SAFETY: best_path returns these only when the CPU has the enabled features.
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx512 => unsafe { scale_avx512(d, x) },
+        #[cfg(target_arch = "x86_64")]
+        Path::Avx2 => unsafe { scale_avx2(d, x) },
+        Path::Portable => scale_body(d, x),
+    }
 }
 
 /// `path` must be one the CPU supports: from [`best_path`], `Portable`, or checked likewise.
@@ -297,14 +352,14 @@ fn forward_chunk(path: Path, y: &mut [f32], x: &[f32]) {
 }
 
 /// `path` must be one the CPU supports: from [`best_path`], `Portable`, or checked likewise.
-fn backward_chunk(path: Path, dx: &mut [f32], dy: &[f32], x: &[f32]) {
+fn backward_chunk<const ACC: bool>(path: Path, dx: &mut [f32], dy: &[f32], x: &[f32]) {
     match path {
         // SAFETY: callers pass these only when the CPU has the enabled features.
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => unsafe { backward_avx512(dx, dy, x) },
+        Path::Avx512 => unsafe { backward_avx512::<ACC>(dx, dy, x) },
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => unsafe { backward_avx2(dx, dy, x) },
-        Path::Portable => backward_body(dx, dy, x),
+        Path::Avx2 => unsafe { backward_avx2::<ACC>(dx, dy, x) },
+        Path::Portable => backward_body::<ACC>(dx, dy, x),
     }
 }
 
@@ -326,9 +381,20 @@ pub fn gelu_forward(y: &mut [f32], x: &[f32]) {
 /// then `dx + dy * gelu'(x)` with one fused multiply-add).
 // dy (L), x (L) -> dx (L) +=
 pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+    backward::<true>("gelu_backward", dx, dy, x);
+}
+
+/// [`gelu_backward`] that overwrites `dx` (`dx = dy * gelu'(x)`) instead of adding to it:
+/// the same bits as zeroing `dx` first, without the pass that zeroes it.
+// dy (L), x (L) -> dx (L)
+pub fn gelu_backward_into(dx: &mut [f32], dy: &[f32], x: &[f32]) {
+    backward::<false>("gelu_backward_into", dx, dy, x);
+}
+
+fn backward<const ACC: bool>(name: &str, dx: &mut [f32], dy: &[f32], x: &[f32]) {
     assert!(
         dx.len() == x.len() && dy.len() == x.len(),
-        "gelu_backward: dx, dy and x must have the same length"
+        "{name}: dx, dy and x must have the same length"
     );
     let path = best_path();
     dx.par_chunks_mut(ELEMENTWISE_CHUNK)
@@ -336,7 +402,7 @@ pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
             dy.par_chunks(ELEMENTWISE_CHUNK)
                 .zip(x.par_chunks(ELEMENTWISE_CHUNK)),
         )
-        .for_each(|(dx, (dy, x))| backward_chunk(path, dx, dy, x));
+        .for_each(|(dx, (dy, x))| backward_chunk::<ACC>(path, dx, dy, x));
 }
 
 #[cfg(test)]
@@ -644,7 +710,7 @@ mod tests {
         let mut y_port = vec![0.0; n];
         forward_chunk(Path::Portable, &mut y_port, &x);
         let mut dx_port = dx0.clone();
-        backward_chunk(Path::Portable, &mut dx_port, &dy, &x);
+        backward_chunk::<true>(Path::Portable, &mut dx_port, &dy, &x);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         let mut paths = vec![best_path()];
         #[cfg(target_arch = "x86_64")]
@@ -657,7 +723,7 @@ mod tests {
             forward_chunk(path, &mut y, &x);
             assert!(bits(&y) == bits(&y_port), "{path:?} forward differs");
             let mut dx = dx0.clone();
-            backward_chunk(path, &mut dx, &dy, &x);
+            backward_chunk::<true>(path, &mut dx, &dy, &x);
             assert!(bits(&dx) == bits(&dx_port), "{path:?} backward differs");
         }
         // And the public entry points use one of them.
@@ -810,7 +876,7 @@ mod tests {
                 s.elapsed().as_secs_f64() * 1e9 / (n * reps) as f64
             };
             let f = time(&mut || forward_chunk(path, &mut y, &x));
-            let b = time(&mut || backward_chunk(path, &mut dx, &dy, &x));
+            let b = time(&mut || backward_chunk::<true>(path, &mut dx, &dy, &x));
             eprintln!("path {path:?} alone, n = {n}: forward {f:.2}, backward {b:.2} ns/element");
         }
     }

@@ -1,12 +1,13 @@
 //! LayerNorm over the last dimension (PyTorch `nn.LayerNorm`, eps 1e-6 as in timm's ViT),
 //! forward and backward. Statistics are computed in f32 with a two-pass variance (biased,
-//! divided by `d`). Rows run in parallel; the weight and bias gradients are summed over
-//! rows in index order (parallel across column blocks only), so results do not depend on
-//! the thread count.
+//! divided by `d`), each sum over a row in [`super::reduce`]'s fixed lane order. Rows run
+//! in parallel; the weight and bias gradients are summed over fixed blocks of rows
+//! ([`super::sum_over_rows`]), so results do not depend on the thread count.
 
 use rayon::prelude::*;
 
-use super::COLUMN_BLOCK;
+use super::reduce::{dot, sum, sum_map, sum_map3};
+use super::sum_over_rows;
 
 /// The epsilon added to the variance (timm's ViT: `partial(nn.LayerNorm, eps=1e-6)`).
 pub const LAYERNORM_EPS: f32 = 1e-6;
@@ -40,8 +41,8 @@ pub fn layernorm_forward(
         .zip(x.par_chunks(d))
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .for_each(|((y, x), (mean, rstd))| {
-            let m = x.iter().sum::<f32>() / d as f32;
-            let v = x.iter().map(|&xi| (xi - m) * (xi - m)).sum::<f32>() / d as f32;
+            let m = sum(x) / d as f32;
+            let v = sum_map(x, |xi| (xi - m) * (xi - m)) / d as f32;
             let s = 1.0 / (v + LAYERNORM_EPS).sqrt();
             for (((yi, &xi), &wi), &bi) in y.iter_mut().zip(x).zip(w).zip(b) {
                 *yi = (xi - m) * s * wi + bi;
@@ -89,35 +90,30 @@ pub fn layernorm_backward(
         .zip(dy.par_chunks(d).zip(x.par_chunks(d)))
         .zip(mean.par_iter().zip(rstd.par_iter()))
         .for_each(|((dx, (dy, x)), (&m, &s))| {
-            let mut g_mean = 0.0f32;
-            let mut gx_mean = 0.0f32;
-            for ((&dyi, &xi), &wi) in dy.iter().zip(x).zip(w) {
-                let g = dyi * wi;
-                g_mean += g;
-                gx_mean += g * (xi - m) * s;
-            }
-            g_mean /= d as f32;
-            gx_mean /= d as f32;
+            let g_mean = dot(dy, w) / d as f32;
+            let gx_mean = sum_map3(dy, w, x, |dyi, wi, xi| dyi * wi * (xi - m) * s) / d as f32;
             for (((dxi, &dyi), &xi), &wi) in dx.iter_mut().zip(dy).zip(x).zip(w) {
                 let xhat = (xi - m) * s;
                 *dxi += (dyi * wi - g_mean - xhat * gx_mean) * s;
             }
         });
-    // Parameter gradients: each column block sums the rows in index order.
-    dw.par_chunks_mut(COLUMN_BLOCK)
-        .zip(db.par_chunks_mut(COLUMN_BLOCK))
-        .enumerate()
-        .for_each(|(blk, (dw, db))| {
-            let c0 = blk * COLUMN_BLOCK;
-            let c1 = c0 + dw.len();
-            for i in 0..n {
-                let (m, s) = (mean[i], rstd[i]);
-                let dy = &dy[i * d + c0..i * d + c1];
-                let x = &x[i * d + c0..i * d + c1];
-                for (((dwj, dbj), &dyj), &xj) in dw.iter_mut().zip(db.iter_mut()).zip(dy).zip(x) {
-                    *dwj += dyj * ((xj - m) * s);
-                    *dbj += dyj;
-                }
+    // Parameter gradients, `[dw; db]` per row, summed over fixed blocks of rows.
+    sum_over_rows(
+        2 * d,
+        n,
+        |i, part| {
+            let (m, s) = (mean[i], rstd[i]);
+            let (dy, x) = (&dy[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]);
+            let (pw, pb) = part.split_at_mut(d);
+            for (((pwj, pbj), &dyj), &xj) in pw.iter_mut().zip(pb.iter_mut()).zip(dy).zip(x) {
+                *pwj += dyj * ((xj - m) * s);
+                *pbj += dyj;
             }
-        });
+        },
+        |part| {
+            let (pw, pb) = part.split_at(d);
+            dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v);
+            db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+        },
+    );
 }

@@ -1,12 +1,12 @@
 //! Linear layer (PyTorch `nn.Linear`): `y = x W^T + b` with `W` stored `(out, in)`, and its
 //! backward. Also serves the patch embedding (conv with kernel = stride = patch, after
-//! `im2col`). The GEMMs are [`super::gemm`]; the bias gradient is summed over rows
-//! in index order, in parallel only across column blocks, so it is thread-count
-//! independent.
+//! `im2col`). The GEMMs are [`super::gemm`]; the bias gradient is summed over fixed blocks
+//! of rows ([`super::sum_over_rows`]), so it is thread-count independent.
 
 use rayon::prelude::*;
 
-use super::{gemm, COLUMN_BLOCK};
+use super::gelu::{gelu_backward_in_place_serial, gelu_forward_serial};
+use super::{gemm, gemm_then, sum_over_rows, Epilogue, SendPtr};
 
 /// Writes `y = x W^T + b` (bias optional).
 // (n, d_in) @ (d_out, d_in)^T + b -> (n, d_out)
@@ -52,6 +52,112 @@ pub fn linear_forward(
     }
 }
 
+/// A Linear and the GELU after it: writes `h = x W^T + b` and `a = gelu(h)`, the same bits
+/// as [`linear_forward`] then [`super::gelu::gelu_forward`], with the bias and the GELU
+/// applied to each block of rows of `h` as the GEMM finishes it (no extra passes over `h`).
+// (n, d_in) @ (d_out, d_in)^T + b -> h (n, d_out), a = gelu(h) (n, d_out)
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_forward(
+    h: &mut [f32],
+    a: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    assert_eq!(
+        h.len(),
+        n * d_out,
+        "linear_gelu_forward: h must be (n, d_out)"
+    );
+    assert_eq!(
+        a.len(),
+        n * d_out,
+        "linear_gelu_forward: a must be (n, d_out)"
+    );
+    assert_eq!(
+        x.len(),
+        n * d_in,
+        "linear_gelu_forward: x must be (n, d_in)"
+    );
+    assert_eq!(
+        w.len(),
+        d_out * d_in,
+        "linear_gelu_forward: w must be (d_out, d_in)"
+    );
+    assert_eq!(b.len(), d_out, "linear_gelu_forward: b must be (d_out)");
+    let pa = SendPtr::new(a);
+    let epilogue = |r0: usize, rows: &mut [f32]| {
+        for row in rows.chunks_exact_mut(d_out) {
+            for (yj, bj) in row.iter_mut().zip(b) {
+                *yj += bj;
+            }
+        }
+        // SAFETY: `a` has the shape of `h` (asserted), and these rows of `a` belong to
+        // this block of rows of `h`, which the GEMM hands to one task only.
+        let a_rows =
+            unsafe { std::slice::from_raw_parts_mut(pa.get().add(r0 * d_out), rows.len()) };
+        gelu_forward_serial(a_rows, rows);
+    };
+    gemm_then(
+        n,
+        d_in,
+        d_out,
+        1.0,
+        x,
+        (d_in, 1),
+        w,
+        (1, d_in),
+        0.0,
+        h,
+        &epilogue,
+    );
+}
+
+/// The gradients through `a = gelu(h)` then a Linear `y = a W^T + b`: writes
+/// `dh = (dy W) * gelu'(h)` (overwriting `dh`) and accumulates `dW += dy^T a`,
+/// `db += sum over rows of dy`. The same bits as [`linear_backward_into`] into a buffer
+/// `da` then [`super::gelu::gelu_backward_into`]`(dh, da, h)`, with the derivative applied
+/// to each block of rows as the GEMM finishes it, and no `da` buffer.
+// dy (n, d_out), a (n, d_in), w (d_out, d_in), h (n, d_in) -> dh (n, d_in), dw +=, db +=
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_backward_into(
+    dh: &mut [f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    a: &[f32],
+    w: &[f32],
+    h: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    assert_eq!(
+        h.len(),
+        n * d_in,
+        "linear_gelu_backward_into: h must be (n, d_in)"
+    );
+    let epilogue = |r0: usize, rows: &mut [f32]| {
+        gelu_backward_in_place_serial(rows, &h[r0 * d_in..r0 * d_in + rows.len()]);
+    };
+    backward(
+        0.0,
+        Some(dh),
+        dw,
+        db,
+        dy,
+        a,
+        w,
+        n,
+        d_in,
+        d_out,
+        Some(&epilogue),
+    );
+}
+
 /// Accumulates the gradients of [`linear_forward`]: `dx += dy W` (skipped when `dx` is
 /// `None`, e.g. for the patch embedding, whose input needs no gradient), `dW += dy^T x`,
 /// `db += sum over rows of dy`.
@@ -67,6 +173,44 @@ pub fn linear_backward(
     n: usize,
     d_in: usize,
     d_out: usize,
+) {
+    backward(1.0, dx, dw, db, dy, x, w, n, d_in, d_out, None);
+}
+
+/// [`linear_backward`] that overwrites `dx` (`dx = dy W`) instead of adding to it; `dW` and
+/// `db` still accumulate. The same bits as zeroing `dx` first, without the pass that zeroes
+/// it (the GEMM ignores the old contents).
+// dy (n, d_out), x (n, d_in), w (d_out, d_in) -> dx (n, d_in), dw (d_out, d_in) +=, db (d_out) +=
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_into(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+) {
+    backward(0.0, dx, dw, db, dy, x, w, n, d_in, d_out, None);
+}
+
+/// The backward passes: `dx = dx_beta * dx + dy W` (`dx_beta` 1 or 0), then `dx_epilogue`
+/// on its rows if given.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    dx_beta: f32,
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    dx_epilogue: Option<Epilogue>,
 ) {
     assert_eq!(
         dy.len(),
@@ -87,19 +231,34 @@ pub fn linear_backward(
     if let Some(dx) = dx {
         assert_eq!(dx.len(), n * d_in, "linear_backward: dx must be (n, d_in)");
         // (n, d_out) @ (d_out, d_in) -> (n, d_in)
-        gemm(
-            n,
-            d_out,
-            d_in,
-            1.0,
-            dy,
-            (d_out, 1),
-            w,
-            (d_in, 1),
-            1.0,
-            dx,
-            (d_in, 1),
-        );
+        match dx_epilogue {
+            Some(e) => gemm_then(
+                n,
+                d_out,
+                d_in,
+                1.0,
+                dy,
+                (d_out, 1),
+                w,
+                (d_in, 1),
+                dx_beta,
+                dx,
+                e,
+            ),
+            None => gemm(
+                n,
+                d_out,
+                d_in,
+                1.0,
+                dy,
+                (d_out, 1),
+                w,
+                (d_in, 1),
+                dx_beta,
+                dx,
+                (d_in, 1),
+            ),
+        }
     }
     // dy^T as a (d_out, n) matrix: strides (1, d_out).
     // (d_out, n) @ (n, d_in) -> (d_out, d_in)
@@ -122,18 +281,21 @@ pub fn linear_backward(
     }
 }
 
-/// `acc[j] += sum_i m[i, j]`, rows summed in index order; parallel across column blocks.
+/// `acc[j] += sum_i m[i, j]`, rows summed in fixed blocks ([`sum_over_rows`]).
 // (n, d) -> (d) +=
 pub(crate) fn sum_rows_into(acc: &mut [f32], m: &[f32], n: usize, d: usize) {
-    acc.par_chunks_mut(COLUMN_BLOCK)
-        .enumerate()
-        .for_each(|(blk, acc)| {
-            let c0 = blk * COLUMN_BLOCK;
-            for i in 0..n {
-                let row = &m[i * d + c0..i * d + c0 + acc.len()];
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v;
-                }
+    sum_over_rows(
+        d,
+        n,
+        |i, part| {
+            for (a, v) in part.iter_mut().zip(&m[i * d..(i + 1) * d]) {
+                *a += v;
             }
-        });
+        },
+        |part| {
+            for (a, v) in acc.iter_mut().zip(part) {
+                *a += v;
+            }
+        },
+    );
 }

@@ -12,10 +12,14 @@
 //!   the caller provides (layernorm mean/rstd, attention probabilities, norms);
 //! - **backward functions accumulate** (`+=`) into every gradient they write, input and
 //!   parameter gradients alike; the caller zeroes gradient buffers (see [`zero`]). Weights
-//!   used by several calls (global and local views) and residual branches then add up;
+//!   used by several calls (global and local views) and residual branches then add up.
+//!   Where an input gradient has a single writer, an `_into` twin overwrites it instead
+//!   (the same bits as accumulating into zeros, without the pass that zeroes it), and
+//!   `linear_gelu_*` fuse a Linear with the GELU next to it (GEMM epilogues, [`gemm_then`]);
 //! - results are bit-identical for any rayon thread count: rows are split among threads
-//!   but every reduction runs in a fixed order (a parameter gradient sums rows in index
-//!   order, in parallel only across columns).
+//!   but every reduction runs in a fixed order (a parameter gradient sums fixed blocks of
+//!   rows, in parallel, and adds the block sums in order: [`sum_over_rows`]; a sum along a
+//!   row uses [`reduce`]'s fixed lanes).
 //!
 //! GEMMs go through the `gemm` crate (see [`gemm`]), single-threaded per call, and
 //! [`gemm`] shares a product among rayon tasks itself: blocks of rows or columns of `C`,
@@ -36,6 +40,7 @@ pub mod head;
 pub mod layernorm;
 pub mod linear;
 pub mod patch_embed;
+pub mod reduce;
 
 use rayon::prelude::*;
 
@@ -58,10 +63,37 @@ pub fn resize_zeroed(buf: &mut Vec<f32>, n: usize) {
     zero(buf);
 }
 
-/// Columns per task when a parameter gradient is reduced over rows: each task owns a
-/// block of columns and sums the rows in index order, so the result is independent of
-/// how tasks are scheduled.
-pub(crate) const COLUMN_BLOCK: usize = 64;
+/// Rows per partial sum when a parameter gradient is reduced over rows ([`sum_over_rows`]).
+pub(crate) const ROW_BLOCK: usize = 512;
+
+/// A parameter gradient summed over `n` rows: `row(i, part)` adds row `i`'s contribution
+/// (`width` values) into `part`. Rows are summed in index order within fixed blocks of
+/// [`ROW_BLOCK`] rows, one rayon task per block, each from zeros; `add` then receives the
+/// block sums in block order (on the calling thread) to add them into the gradient. The
+/// blocks follow from `n` alone, so the result does not depend on the thread count.
+///
+/// (Blocks of rows rather than of columns: the gradients of the default model are 64 wide,
+/// and a split over columns left one task, serial, for each of them.)
+pub(crate) fn sum_over_rows(
+    width: usize,
+    n: usize,
+    row: impl Fn(usize, &mut [f32]) + Sync,
+    mut add: impl FnMut(&[f32]),
+) {
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(ROW_BLOCK))
+        .into_par_iter()
+        .map(|blk| {
+            let mut part = vec![0.0f32; width];
+            for i in blk * ROW_BLOCK..n.min((blk + 1) * ROW_BLOCK) {
+                row(i, &mut part);
+            }
+            part
+        })
+        .collect();
+    for part in &blocks {
+        add(part);
+    }
+}
 
 /// Elements per task for elementwise kernels (large enough to amortise rayon's overhead).
 pub(crate) const ELEMENTWISE_CHUNK: usize = 4096;
@@ -150,12 +182,73 @@ pub(crate) fn gemm(
     n: usize,
     alpha: f32,
     a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    sc: (usize, usize),
+) {
+    gemm_with(m, k, n, alpha, a, sa, b, sb, beta, c, sc, None);
+}
+
+/// An elementwise pass over whole rows of a GEMM's `C`: called with the first row's index
+/// and those rows, `(rows, n)` contiguous.
+pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// [`gemm`] into a row-major `C` (strides `(n, 1)`), then `epilogue` over every row of `C`
+/// once, in blocks of whole rows: where the product is split by rows, each block as soon as
+/// its task has computed it, while it is still in that core's cache; otherwise in blocks of
+/// [`SPLIT_BLOCK`] rows after the product. A bias add and a GELU after a Linear, or the
+/// GELU's derivative after an input gradient, then cost no extra pass through memory. The
+/// epilogue must treat each element alone (no sums over rows), so the result is the same
+/// as the GEMM followed by the epilogue over all of `C`.
+// (m, k) @ (k, n) -> (m, n)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_then(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    sa: (usize, usize),
+    b: &[f32],
+    sb: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    epilogue: Epilogue,
+) {
+    assert_eq!(c.len(), m * n, "gemm_then: C must be (m, n), row-major");
+    gemm_with(
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        sa,
+        b,
+        sb,
+        beta,
+        c,
+        (n, 1),
+        Some(epilogue),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
     (rsa, csa): (usize, usize),
     b: &[f32],
     (rsb, csb): (usize, usize),
     beta: f32,
     c: &mut [f32],
     (rsc, csc): (usize, usize),
+    epilogue: Option<Epilogue>,
 ) {
     if k > 0 {
         assert!(extent(m, k, rsa, csa) <= a.len(), "gemm: A out of bounds");
@@ -187,9 +280,18 @@ pub(crate) fn gemm(
     };
     match split {
         Split::None => block(0, m, 0, n),
-        Split::Rows(size) => (0..m.div_ceil(size))
-            .into_par_iter()
-            .for_each(|i| block(i * size, size.min(m - i * size), 0, n)),
+        Split::Rows(size) => (0..m.div_ceil(size)).into_par_iter().for_each(|i| {
+            let (r0, rows) = (i * size, size.min(m - i * size));
+            block(r0, rows, 0, n);
+            if let Some(e) = epilogue {
+                // SAFETY: with an epilogue C is row-major (gemm_then), so these rows are
+                // `rows * n` contiguous elements inside C, computed by this task and
+                // touched by no other.
+                e(r0, unsafe {
+                    std::slice::from_raw_parts_mut(pc.get().add(r0 * n), rows * n)
+                });
+            }
+        }),
         Split::Cols(size) => (0..n.div_ceil(size))
             .into_par_iter()
             .for_each(|j| block(0, m, j * size, size.min(n - j * size))),
@@ -244,6 +346,15 @@ pub(crate) fn gemm(
                 }
                 Err(_) => run(&mut vec![0.0; len]),
             });
+        }
+    }
+    if let Some(e) = epilogue {
+        // Row splits ran it in their tasks.
+        if !matches!(split, Split::Rows(_)) && n > 0 {
+            c[..m * n]
+                .par_chunks_mut(SPLIT_BLOCK * n)
+                .enumerate()
+                .for_each(|(i, rows)| e(i * SPLIT_BLOCK, rows));
         }
     }
 }

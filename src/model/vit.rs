@@ -12,20 +12,22 @@
 //! Backward passes accumulate into the gradient buffer (the caller zeroes it once per
 //! step), so the globals and the locals can run through the same weights separately.
 
-use crate::cpu::attention::{attention_backward, attention_forward};
+use crate::cpu::attention::{attention_backward_into, attention_forward};
 use crate::cpu::drop_path::{
-    drop_path_mask, residual_add_scaled_backward, residual_add_scaled_into,
+    drop_path_mask, residual_add_scaled_backward_into, residual_add_scaled_into,
 };
-use crate::cpu::gelu::{gelu_backward, gelu_forward};
 use crate::cpu::head::{
     l2norm_backward, l2norm_forward, weight_norm_backward, weight_norm_forward,
 };
 use crate::cpu::layernorm::{layernorm_backward, layernorm_forward};
-use crate::cpu::linear::{linear_backward, linear_forward};
+use crate::cpu::linear::{
+    linear_backward, linear_backward_into, linear_forward, linear_gelu_backward_into,
+    linear_gelu_forward,
+};
 use crate::cpu::patch_embed::{
     add_cls_and_pos, add_cls_and_pos_backward, im2col, pos_embed_backward, pos_embed_forward,
 };
-use crate::cpu::{resize_zeroed, zero};
+use crate::cpu::resize_zeroed;
 use crate::error::Result;
 use crate::model::config::{HeadConfig, VitConfig};
 use crate::model::params::ParamTable;
@@ -92,7 +94,6 @@ struct BackboneScratch {
     branch: Vec<f32>,
     dx: Vec<f32>,
     dbranch: Vec<f32>,
-    da: Vec<f32>,
     dh: Vec<f32>,
     dln: Vec<f32>,
     datt: Vec<f32>,
@@ -447,10 +448,9 @@ impl Network {
             );
             let hdim = v.mlp_dim();
             fit(&mut ba.h, n * hdim);
-            let (w, b) = self.wb(params, &format!("{pre}.mlp.fc1"));
-            linear_forward(&mut ba.h, &ba.ln2, w, Some(b), n, d, hdim);
             fit(&mut ba.a, n * hdim);
-            gelu_forward(&mut ba.a, &ba.h);
+            let (w, b) = self.wb(params, &format!("{pre}.mlp.fc1"));
+            linear_gelu_forward(&mut ba.h, &mut ba.a, &ba.ln2, w, b, n, d, hdim);
             let (w, b) = self.wb(params, &format!("{pre}.mlp.fc2"));
             linear_forward(branch, &ba.a, w, Some(b), n, hdim, d);
             fit(x_out, n * d);
@@ -495,7 +495,6 @@ impl Network {
         let BackboneScratch {
             dx,
             dbranch,
-            da,
             dh,
             dln,
             datt,
@@ -522,9 +521,8 @@ impl Network {
                 d,
             );
         }
-        // Zeroed in the loop before each use.
+        // Each is overwritten in the loop before it is read (the `_into` kernels).
         fit(dbranch, n * d);
-        fit(da, n * hdim);
         fit(dh, n * hdim);
         fit(dln, n * d);
         fit(datt, n * d);
@@ -533,21 +531,18 @@ impl Network {
             let ba = &acts.blocks[i];
             let pre = format!("blocks.{i}");
             // x_out = x_mid + m_mlp * fc2(gelu(fc1(ln2(x_mid)))); dx holds d x_out.
-            zero(dbranch);
-            residual_add_scaled_backward(dbranch, dx, &ba.mask_mlp, batch, t * d);
-            zero(da);
+            residual_add_scaled_backward_into(dbranch, dx, &ba.mask_mlp, batch, t * d);
             {
+                // Through fc2 and the GELU: dh = (dbranch W2) * gelu'(h).
                 let w = &params[self.r(&format!("{pre}.mlp.fc2.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc2"));
-                linear_backward(Some(da), dw, Some(db), dbranch, &ba.a, w, n, hdim, d);
+                let (a, h) = (&ba.a, &ba.h);
+                linear_gelu_backward_into(dh, dw, Some(db), dbranch, a, w, h, n, hdim, d);
             }
-            zero(dh);
-            gelu_backward(dh, da, &ba.h);
-            zero(dln);
             {
                 let w = &params[self.r(&format!("{pre}.mlp.fc1.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.mlp.fc1"));
-                linear_backward(Some(dln), dw, Some(db), dh, &ba.ln2, w, n, d, hdim);
+                linear_backward_into(Some(dln), dw, Some(db), dh, &ba.ln2, w, n, d, hdim);
             }
             {
                 // dx becomes d x_mid: the residual path plus the norm's input gradient.
@@ -567,21 +562,17 @@ impl Network {
                 );
             }
             // x_mid = x_in + m_attn * proj(attention(qkv(ln1(x_in)))).
-            zero(dbranch);
-            residual_add_scaled_backward(dbranch, dx, &ba.mask_attn, batch, t * d);
-            zero(datt);
+            residual_add_scaled_backward_into(dbranch, dx, &ba.mask_attn, batch, t * d);
             {
                 let w = &params[self.r(&format!("{pre}.attn.proj.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.proj"));
-                linear_backward(Some(datt), dw, Some(db), dbranch, &ba.att, w, n, d, d);
+                linear_backward_into(Some(datt), dw, Some(db), dbranch, &ba.att, w, n, d, d);
             }
-            zero(dqkv);
-            attention_backward(dqkv, datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
-            zero(dln);
+            attention_backward_into(dqkv, datt, &ba.qkv, &ba.probs, batch, t, d, v.heads);
             {
                 let w = &params[self.r(&format!("{pre}.attn.qkv.weight"))];
                 let (dw, db) = self.wb_mut(grads, &format!("{pre}.attn.qkv"));
-                linear_backward(Some(dln), dw, Some(db), dqkv, &ba.ln1, w, n, d, 3 * d);
+                linear_backward_into(Some(dln), dw, Some(db), dqkv, &ba.ln1, w, n, d, 3 * d);
             }
             {
                 let w = &params[self.r(&format!("{pre}.norm1.weight"))];
@@ -661,15 +652,18 @@ impl Network {
         acts.post.resize_with(dims.len() - 1, Vec::new);
         for (i, &(d_in, d_out)) in dims.iter().enumerate() {
             let (w, b) = self.wb(params, &format!("head.mlp.{}", 2 * i));
-            let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
-            let mut pre = std::mem::take(&mut acts.pre[i]);
-            fit(&mut pre, rows * d_out);
-            linear_forward(&mut pre, input, w, Some(b), rows, d_in, d_out);
-            if i + 1 < dims.len() {
-                fit(&mut acts.post[i], rows * d_out);
-                gelu_forward(&mut acts.post[i], &pre);
+            // post[i - 1] is this layer's input, post[i] its output after the GELU.
+            let (done, rest) = acts.post.split_at_mut(i);
+            let input: &[f32] = if i == 0 { x } else { &done[i - 1] };
+            let pre = &mut acts.pre[i];
+            fit(pre, rows * d_out);
+            match rest.first_mut() {
+                Some(post) => {
+                    fit(post, rows * d_out);
+                    linear_gelu_forward(pre, post, input, w, b, rows, d_in, d_out);
+                }
+                None => linear_forward(pre, input, w, Some(b), rows, d_in, d_out),
             }
-            acts.pre[i] = pre;
         }
         let db = self.head.bottleneck;
         copy_into(&mut acts.z, &acts.pre[dims.len() - 1]);
@@ -727,9 +721,9 @@ impl Network {
             dcur,
             dnext,
         } = scratch;
-        resize_zeroed(dzn, rows * db);
+        fit(dzn, rows * db);
         resize_zeroed(dw_last, k * db);
-        linear_backward(
+        linear_backward_into(
             Some(dzn),
             dw_last,
             None,
@@ -745,35 +739,20 @@ impl Network {
         weight_norm_backward(&mut grads[v_range], dw_last, v, &last.row_norms, k, db);
         resize_zeroed(dcur, rows * db);
         l2norm_backward(dcur, dzn, &acts.z, &acts.z_norms, rows, db);
+        // dcur is d pre[i], from the last layer (whose output z has no GELU) down.
         for (i, &(d_in, d_out)) in dims.iter().enumerate().rev() {
-            if i + 1 < dims.len() {
-                // dcur is d post[i]; through the GELU to d pre[i].
-                resize_zeroed(dnext, rows * d_out);
-                gelu_backward(dnext, dcur, &acts.pre[i]);
-                std::mem::swap(dcur, dnext);
-            }
-            let input: &[f32] = if i == 0 { x } else { &acts.post[i - 1] };
             let w = &params[self.r(&format!("head.mlp.{}.weight", 2 * i))];
             let (dw, dbias) = self.wb_mut(grads, &format!("head.mlp.{}", 2 * i));
-            // The input gradient: the caller's `dx` for the first layer, else d post[i - 1].
-            let dinput: &mut [f32] = if i == 0 {
-                &mut *dx
+            if i == 0 {
+                // The input gradient is added to the caller's `dx`.
+                let g = Some(&mut *dx);
+                linear_backward(g, dw, Some(dbias), dcur, x, w, rows, d_in, d_out);
             } else {
-                resize_zeroed(dnext, rows * d_in);
-                dnext
-            };
-            linear_backward(
-                Some(dinput),
-                dw,
-                Some(dbias),
-                dcur,
-                input,
-                w,
-                rows,
-                d_in,
-                d_out,
-            );
-            if i > 0 {
+                // Through this Linear and the GELU before it: d pre[i - 1].
+                fit(dnext, rows * d_in);
+                let (a, h) = (&acts.post[i - 1], &acts.pre[i - 1]);
+                let bias_grad = Some(dbias);
+                linear_gelu_backward_into(dnext, dw, bias_grad, dcur, a, w, h, rows, d_in, d_out);
                 std::mem::swap(dcur, dnext);
             }
         }
