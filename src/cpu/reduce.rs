@@ -13,44 +13,37 @@
 //! thread count; it differs from the serial sum only by rounding (both are f32 sums of the
 //! same terms).
 
+use std::ops::AddAssign;
+
 /// Running partials per reduction.
 pub const LANES: usize = 16;
 
 /// Adds the partials pairwise: lane `l` gets lane `l + w` for `w = LANES/2, ..., 1`.
 #[inline(always)]
-fn combine_f32(mut acc: [f32; LANES]) -> f32 {
+fn combine<T: Copy + AddAssign>(mut acc: [T; LANES]) -> T {
     let mut w = LANES / 2;
     while w >= 1 {
         for l in 0..w {
-            acc[l] += acc[l + w];
+            let v = acc[l + w];
+            acc[l] += v;
         }
         w /= 2;
     }
     acc[0]
 }
 
-/// [`combine_f32`] in f64.
+/// `sum_i f(a[i], b[i])` with the terms and the partials in `T` (f32 or f64), element `i`
+/// into partial `i % LANES`.
 #[inline(always)]
-fn combine_f64(mut acc: [f64; LANES]) -> f64 {
-    let mut w = LANES / 2;
-    while w >= 1 {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-        w /= 2;
-    }
-    acc[0]
-}
-
-/// `sum_i f(a[i], b[i])` in f32, element `i` into partial `i % LANES`.
-///
-/// # Panics
-/// If `a` and `b` differ in length.
-#[inline(always)]
-pub fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    assert_eq!(a.len(), b.len(), "sum_map2: operands differ in length");
+fn lane_sum2<T: Copy + Default + AddAssign>(
+    name: &str,
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(f32, f32) -> T,
+) -> T {
+    assert_eq!(a.len(), b.len(), "{name}: operands differ in length");
     let body = a.len() / LANES * LANES;
-    let mut acc = [0.0f32; LANES];
+    let mut acc = [T::default(); LANES];
     for (ca, cb) in a[..body]
         .chunks_exact(LANES)
         .zip(b[..body].chunks_exact(LANES))
@@ -62,7 +55,16 @@ pub fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     for (l, (&x, &y)) in a[body..].iter().zip(&b[body..]).enumerate() {
         acc[l] += f(x, y);
     }
-    combine_f32(acc)
+    combine(acc)
+}
+
+/// `sum_i f(a[i], b[i])` in f32, element `i` into partial `i % LANES`.
+///
+/// # Panics
+/// If `a` and `b` differ in length.
+#[inline(always)]
+pub fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    lane_sum2("sum_map2", a, b, f)
 }
 
 /// `sum_i f(a[i], b[i], c[i])` in f32, element `i` into partial `i % LANES`.
@@ -89,7 +91,7 @@ pub fn sum_map3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f3
     for (l, ((&x, &y), &z)) in a[body..].iter().zip(&b[body..]).zip(&c[body..]).enumerate() {
         acc[l] += f(x, y, z);
     }
-    combine_f32(acc)
+    combine(acc)
 }
 
 /// `sum_i f(a[i])` in f32.
@@ -117,21 +119,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// If `a` and `b` differ in length.
 #[inline(always)]
 pub fn sum_map2_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
-    assert_eq!(a.len(), b.len(), "sum_map2_f64: operands differ in length");
-    let body = a.len() / LANES * LANES;
-    let mut acc = [0.0f64; LANES];
-    for (ca, cb) in a[..body]
-        .chunks_exact(LANES)
-        .zip(b[..body].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            acc[l] += f(ca[l], cb[l]);
-        }
-    }
-    for (l, (&x, &y)) in a[body..].iter().zip(&b[body..]).enumerate() {
-        acc[l] += f(x, y);
-    }
-    combine_f64(acc)
+    lane_sum2("sum_map2_f64", a, b, f)
 }
 
 /// `sum_i a[i]`, each element widened to f64 and the sum kept in f64.
