@@ -144,8 +144,8 @@ pub fn attention_backward(
 }
 
 /// [`attention_backward`] that overwrites `dqkv` instead of adding to it (each element of
-/// `dqkv` is one GEMM output): the same bits as zeroing `dqkv` first, without the pass that
-/// zeroes it.
+/// `dqkv` is one GEMM output): the same values as zeroing `dqkv` first (a zero's sign
+/// aside), without the pass that zeroes it.
 // dout (B, N, D), qkv (B, N, 3D), probs (B, H, N, N) -> dqkv (B, N, 3D)
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_into(

@@ -126,7 +126,8 @@ pub fn residual_add_scaled_backward(
 }
 
 /// [`residual_add_scaled_backward`] that overwrites: `dbranch[b] = mask[b] * dx[b]`, the
-/// same bits as zeroing `dbranch` first, without the pass that zeroes it.
+/// same values as zeroing `dbranch` first (a zero's sign aside), without the pass that
+/// zeroes it.
 // dx (B, L), mask (B) -> dbranch (B, L)
 pub fn residual_add_scaled_backward_into(
     dbranch: &mut [f32],

@@ -224,7 +224,7 @@ fn forward_body(y: &mut [f32], x: &[f32]) {
     }
 }
 
-/// `dx += dy * gelu'(x)` (`ACC`) or `dx = dy * gelu'(x)`: the same bits as accumulating
+/// `dx += dy * gelu'(x)` (`ACC`) or `dx = dy * gelu'(x)`: the same values as accumulating
 /// into zeros, since `fma(a, b, 0)` is `a * b` rounded once.
 #[inline(always)]
 fn backward_body<const ACC: bool>(dx: &mut [f32], dy: &[f32], x: &[f32]) {
@@ -385,7 +385,8 @@ pub fn gelu_backward(dx: &mut [f32], dy: &[f32], x: &[f32]) {
 }
 
 /// [`gelu_backward`] that overwrites `dx` (`dx = dy * gelu'(x)`) instead of adding to it:
-/// the same bits as zeroing `dx` first, without the pass that zeroes it.
+/// the same values as zeroing `dx` first (a zero's sign aside), without the pass that
+/// zeroes it.
 // dy (L), x (L) -> dx (L)
 pub fn gelu_backward_into(dx: &mut [f32], dy: &[f32], x: &[f32]) {
     backward::<false>("gelu_backward_into", dx, dy, x);

@@ -178,8 +178,8 @@ pub fn linear_backward(
 }
 
 /// [`linear_backward`] that overwrites `dx` (`dx = dy W`) instead of adding to it; `dW` and
-/// `db` still accumulate. The same bits as zeroing `dx` first, without the pass that zeroes
-/// it (the GEMM ignores the old contents).
+/// `db` still accumulate. The same values as zeroing `dx` first (a zero's sign aside),
+/// without the pass that zeroes it (the GEMM ignores the old contents).
 // dy (n, d_out), x (n, d_in), w (d_out, d_in) -> dx (n, d_in), dw (d_out, d_in) +=, db (d_out) +=
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward_into(

@@ -14,7 +14,8 @@
 //!   parameter gradients alike; the caller zeroes gradient buffers (see [`zero`]). Weights
 //!   used by several calls (global and local views) and residual branches then add up.
 //!   Where an input gradient has a single writer, an `_into` twin overwrites it instead
-//!   (the same bits as accumulating into zeros, without the pass that zeroes it), and
+//!   (the same values as accumulating into zeros, a zero's sign aside, without the pass
+//!   that zeroes it), and
 //!   `linear_gelu_*` fuse a Linear with the GELU next to it (GEMM epilogues, [`gemm_then`]);
 //! - results are bit-identical for any rayon thread count: rows are split among threads
 //!   but every reduction runs in a fixed order (a parameter gradient sums fixed blocks of
