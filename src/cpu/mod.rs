@@ -15,8 +15,8 @@
 //!   used by several calls (global and local views) and residual branches then add up.
 //!   Where an input gradient has a single writer, an `_into` twin overwrites it instead
 //!   (the same values as accumulating into zeros, a zero's sign aside, without the pass
-//!   that zeroes it), and
-//!   `linear_gelu_*` fuse a Linear with the GELU next to it (GEMM epilogues, [`gemm_then`]);
+//!   that zeroes it), and `linear_gelu_*` fuse a Linear with the GELU next to it (GEMM
+//!   epilogues, [`gemm_then`]);
 //! - results are bit-identical for any rayon thread count: rows are split among threads
 //!   but every reduction runs in a fixed order (a parameter gradient sums fixed blocks of
 //!   rows, in parallel, and adds the block sums in order: [`sum_over_rows`]; a sum along a
