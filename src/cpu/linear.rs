@@ -43,11 +43,19 @@ pub fn linear_forward(
     if let Some(b) = b {
         assert_eq!(b.len(), d_out, "linear_forward: b must be (d_out)");
         if d_out > 0 {
-            y.par_chunks_mut(d_out).for_each(|row| {
-                for (yj, bj) in row.iter_mut().zip(b) {
-                    *yj += bj;
-                }
-            });
+            y.par_chunks_mut(d_out).for_each(|row| add_bias(row, b));
+        }
+    }
+}
+
+/// `rows[i, j] += b[j]` on whole rows of `b.len()` elements.
+fn add_bias(rows: &mut [f32], b: &[f32]) {
+    if b.is_empty() {
+        return;
+    }
+    for row in rows.chunks_exact_mut(b.len()) {
+        for (yj, bj) in row.iter_mut().zip(b) {
+            *yj += bj;
         }
     }
 }
@@ -90,11 +98,7 @@ pub fn linear_gelu_forward(
     assert_eq!(b.len(), d_out, "linear_gelu_forward: b must be (d_out)");
     let pa = SendPtr::new(a);
     let epilogue = |r0: usize, rows: &mut [f32]| {
-        for row in rows.chunks_exact_mut(d_out) {
-            for (yj, bj) in row.iter_mut().zip(b) {
-                *yj += bj;
-            }
-        }
+        add_bias(rows, b);
         // SAFETY: `a` has the shape of `h` (asserted), and these rows of `a` belong to
         // this block of rows of `h`, which the GEMM hands to one task only.
         let a_rows =
